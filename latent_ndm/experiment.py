@@ -1,0 +1,76 @@
+"""Putting config, data, model and loop together for a pixel-space run; loading trained runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import latest_checkpoint, load_weights
+from .codec import PixelCodec
+from .config import RunConfig, from_dict
+from .data import batches, load_split
+from .evaluate import evaluate_nelbo
+from .ndm import NDM, build_ndm
+from .samplers import ancestral
+from .train import Task
+
+
+class NELBOObjective:
+    """The NDM's NELBO on a batch of uint8 images: per-example nats, and each term in bits/dim.
+
+    phi (inside F) always trains on this true NELBO: a simplified eps-loss would let F collapse.
+    """
+
+    def __init__(self, codec: PixelCodec, dims: int):
+        self.codec, self.dims = codec, dims
+        self.loss_scale = 1.0 / (dims * math.log(2))  # optimise bits/dim: nats/(D ln 2)
+
+    def __call__(self, model: nn.Module, batch: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        terms = model(self.codec.encode(batch), generator)  # NDM.forward = NDM.nelbo
+        nats = terms["rec"] + terms["diff"] + terms["prior"]
+        metrics = {f"{k}_bpd": v.detach().mean() * self.loss_scale for k, v in terms.items()}
+        return nats, metrics | {"bpd": nats.detach().mean() * self.loss_scale}
+
+
+def build_model(cfg: RunConfig) -> NDM:
+    return build_ndm(cfg.model, cfg.data.channels, cfg.data.image_size)
+
+
+def pixel_task(cfg: RunConfig) -> Task:
+    """The pixel-space NDM (or its F = identity baseline) on cfg.data."""
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    train_data, test_data = load_split(cfg.data, "train"), load_split(cfg.data, "test")
+    codec = PixelCodec()
+    model = build_model(cfg)
+    test_images = torch.from_numpy(test_data.images[: cfg.train.eval_examples])
+    shape = (cfg.train.num_samples, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+
+    def stream(start_step: int):
+        return batches(train_data, cfg.train.batch_size, cfg.train.seed, start_step)
+
+    def evaluate(m: NDM) -> dict[str, float]:
+        return evaluate_nelbo(m, test_images, codec, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed)
+
+    def sample(m: NDM, generator: torch.Generator) -> Tensor:
+        return codec.decode(ancestral(m, shape, generator, cfg.train.sample_steps).x)
+
+    return Task(model, NELBOObjective(codec, test_images[0].numel()), stream, evaluate, sample)
+
+
+def load_run(run_dir: str | Path, ema: bool = True) -> tuple[RunConfig, NDM]:
+    """The config and model of a run directory, from its latest checkpoint (EMA weights by default)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
+    cfg = from_dict(RunConfig, json.loads((run_dir / "config.json").read_text()))
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint under checkpoints/")
+    model = build_model(cfg)
+    name = "ema" if ema and (ckpt / "ema.safetensors").is_file() else "model"
+    load_weights(model, ckpt / f"{name}.safetensors")
+    return cfg, model.eval()

@@ -1,0 +1,177 @@
+"""The NDM module: schedule + transform F + denoiser xhat + data likelihood, and its NELBO.
+
+`NDM.nelbo` returns the three per-example terms of SPEC.md's bound in nats, for T discrete steps
+or for continuous time; the training loop, the evaluation and the samplers all go through this
+module, whatever the data (pixels or latents) and whether F is learned or the identity.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import process as P
+from .config import ModelConfig
+from .schedules import Schedule, build_schedule
+from .timesteps import ImportanceSampler, low_discrepancy_uniform
+from .transforms import IdentityTransform, NeuralTransform, Transform
+from .unet import build_unet
+
+
+class Denoiser(nn.Module):
+    """xhat_theta(z_t, t) from a network that predicts x directly or the noise eps.
+
+    With eps, xhat = (z_t - sigma_t eps_hat) / alpha_t. Any function of (z_t, t) is a valid xhat, so
+    both give an exact NELBO; they differ in how well-conditioned the network's target is.
+    """
+
+    def __init__(self, net: nn.Module, parameterization: str = "eps"):
+        super().__init__()
+        if parameterization not in ("eps", "x"):
+            raise ValueError(f"parameterization must be 'eps' or 'x', got {parameterization!r}")
+        self.net, self.parameterization = net, parameterization
+
+    def forward(self, z: Tensor, t: Tensor, gamma: Tensor) -> Tensor:
+        out = self.net(z, t.to(z.dtype))
+        if self.parameterization == "x":
+            return out
+        alpha, sigma = P.alpha_sigma(gamma)
+        return (z - P.expand(sigma, z) * out) / P.expand(alpha, z)
+
+
+class NDM(nn.Module):
+    """Neural Diffusion Model (Bartosh, Vetrov, Naesseth 2023); F = identity gives DDPM / VDM."""
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        transform: Transform,
+        denoiser: Denoiser,
+        likelihood: str = "discrete8bit",
+        num_steps: int = 0,
+        time_sampler: ImportanceSampler | None = None,
+    ):
+        super().__init__()
+        if likelihood not in ("discrete8bit", "gaussian"):
+            raise ValueError(f"likelihood must be 'discrete8bit' or 'gaussian', got {likelihood!r}")
+        if num_steps < 0:
+            raise ValueError("num_steps must be 0 (continuous time) or a positive T")
+        self.schedule, self.transform, self.denoiser = schedule, transform, denoiser
+        self.likelihood, self.num_steps, self.time_sampler = likelihood, num_steps, time_sampler
+
+    def forward(
+        self, x: Tensor, generator: torch.Generator | None = None, num_steps: int | None = None
+    ) -> dict[str, Tensor]:
+        """The NELBO terms (see `nelbo`); forward so that DDP-wrapped models train through it."""
+        return self.nelbo(x, generator, num_steps)
+
+    # -- the pieces the samplers share -------------------------------------------------------
+
+    def gamma(self, t: Tensor) -> Tensor:
+        return self.schedule(t)
+
+    def xhat(self, z: Tensor, t: Tensor) -> Tensor:
+        """The data prediction at time t (t [B] or a scalar tensor)."""
+        t = torch.as_tensor(t, dtype=torch.float64, device=z.device).expand(z.shape[0])
+        return self.denoiser(z, t, self.gamma(t))
+
+    def transform_many(self, pairs: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
+        """F at several (x, t) pairs of equal batch size in one batched network call."""
+        if self.transform.is_identity:
+            return [x for x, _ in pairs]
+        xs = torch.cat([x for x, _ in pairs])
+        ts = torch.cat([t.to(xs.dtype).expand(x.shape[0]) for x, t in pairs])
+        return list(self.transform(xs, ts).chunk(len(pairs)))
+
+    def reconstruction_nll(self, x: Tensor, z_0: Tensor, gamma_0: Tensor) -> Tensor:
+        if self.likelihood == "discrete8bit":
+            return P.reconstruction_nll_discrete(x, z_0, gamma_0)
+        return P.reconstruction_nll_gaussian(x, z_0, gamma_0)
+
+    def decode_z0(self, z_0: Tensor) -> Tensor:
+        """The most likely x under p(x | z_0): the nearest bin centre of z_0/alpha_0, or its mean."""
+        alpha_0, _ = P.alpha_sigma(self.gamma(torch.zeros(z_0.shape[0], dtype=torch.float64, device=z_0.device)))
+        x = z_0 / P.expand(alpha_0, z_0)
+        if self.likelihood == "discrete8bit":
+            return P.bin_centres(x.device, x.dtype)[P.to_bin_index(x.clamp(-1, 1))]
+        return x
+
+    # -- the NELBO ----------------------------------------------------------------------------
+
+    def nelbo(
+        self, x: Tensor, generator: torch.Generator | None = None, num_steps: int | None = None
+    ) -> dict[str, Tensor]:
+        """Per-example NELBO terms in nats, each [B] float64: {'rec', 'diff', 'prior'}.
+
+        x: data in model space [B, ...] (pixels on the 8-bit bin centres in [-1, 1], or latents).
+        num_steps: T of the discrete-time bound; 0 = continuous time; None = the model's own.
+        L_diff is estimated at one time per example, drawn low-discrepancy across the batch (and,
+        in continuous time while training, from the learned importance proposal).
+        """
+        T = self.num_steps if num_steps is None else num_steps
+        B, device = x.shape[0], x.device
+        eps_0 = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+        u = low_discrepancy_uniform(B, generator, device)
+        eps = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+        sampler = self.time_sampler if (self.training and self.time_sampler is not None and T == 0) else None
+        if T > 0:
+            t, weight = ((u * T).floor() + 1) / T, torch.ones_like(u)  # t = i/T, i ~ U{1..T}
+        elif sampler is not None:
+            t, weight = sampler.sample(u)
+        else:
+            t, weight = u, torch.ones_like(u)
+        diff = self.diffusion_loss(x, t, eps, T)
+        if sampler is not None:
+            sampler.update(t, diff.detach())
+        return {"rec": self.reconstruction_loss(x, eps_0), "diff": diff * weight, "prior": self.prior_loss(x)}
+
+    def reconstruction_loss(self, x: Tensor, eps_0: Tensor) -> Tensor:
+        """L_rec = -log p(x | z_0), z_0 = alpha_0 F(x,0) + sigma_0 eps_0, in nats [B].
+
+        F(x, 0) = x for every transform here (NeuralTransform multiplies NN by t).
+        """
+        gamma_0 = self.gamma(torch.zeros(x.shape[0], dtype=torch.float64, device=x.device))
+        return self.reconstruction_nll(x, P.marginal_sample(x, gamma_0, eps_0), gamma_0)
+
+    def prior_loss(self, x: Tensor) -> Tensor:
+        """L_prior = KL(q(z_1 | x) || N(0, I)) in closed form, nats [B]."""
+        ones = torch.ones(x.shape[0], dtype=torch.float64, device=x.device)
+        (f_1,) = self.transform_many([(x, ones)])
+        return P.prior_kl(f_1, self.gamma(ones))
+
+    def diffusion_loss(self, x: Tensor, t: Tensor, eps: Tensor, num_steps: int) -> Tensor:
+        """Single-time estimate of L_diff in nats [B], at times t [B] (float64) with noise eps.
+
+        num_steps = T > 0: T * KL_i with t = i/T, s = (i-1)/T (t must lie on that grid).
+        num_steps = 0: the continuous-time integrand at t (divide by p(t) for non-uniform t).
+        """
+        if num_steps > 0:
+            s = ((t * num_steps).round() - 1) / num_steps
+            gamma_t, gamma_s = self.gamma(t), self.gamma(s)
+            (f_xt,) = self.transform_many([(x, t)])
+            xh = self.denoiser(P.marginal_sample(f_xt, gamma_t, eps), t, gamma_t)
+            f_xs, f_hs, f_ht = self.transform_many([(x, s), (xh, s), (xh, t)])
+            return num_steps * P.diffusion_kl(f_xs - f_hs, f_xt - f_ht, gamma_s, gamma_t)
+        gamma_t, dgamma_t = self.schedule.gamma_and_derivative(t)
+        f_x, fdot_x = self.transform.value_and_time_derivative(x, t)
+        xh = self.denoiser(P.marginal_sample(f_x, gamma_t, eps), t, gamma_t)
+        # dF(xhat, t)/dt holds xhat fixed (a partial derivative), yet gradients still reach theta.
+        f_h, fdot_h = self.transform.value_and_time_derivative(xh, t)
+        return P.diffusion_loss_continuous(f_x - f_h, fdot_x - fdot_h, gamma_t, dgamma_t)
+
+
+def build_ndm(cfg: ModelConfig, channels: int, image_size: int) -> NDM:
+    """An NDM from its config: U-Nets from the registry for the denoiser and for NN inside F."""
+    denoiser = Denoiser(
+        build_unet(cfg.denoiser.size, channels, channels, image_size, **cfg.denoiser.overrides()),
+        cfg.parameterization,
+    )
+    if cfg.transform == "identity":
+        transform: Transform = IdentityTransform()
+    else:
+        net = build_unet(cfg.transform_net.size, channels, channels, image_size, **cfg.transform_net.overrides())
+        transform = NeuralTransform(net, cfg.fdot)
+    sampler = None
+    if cfg.num_steps == 0 and cfg.importance_sampling:
+        sampler = ImportanceSampler(cfg.is_bins, cfg.is_decay, cfg.is_uniform_mix)
+    return NDM(build_schedule(cfg.schedule), transform, denoiser, cfg.likelihood, cfg.num_steps, sampler)

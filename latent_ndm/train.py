@@ -1,0 +1,204 @@
+"""One generic training loop on accelerate, counted in steps.
+
+It knows only `objective(model, batch, generator) -> (per-example nats [B], metrics)`; the pixel
+NDM, its baseline and (later) the VAE and the end-to-end latent model all train through it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import ConfigError, RunConfig, config_diff, to_dict
+from .images import save_grid
+
+# Keys that may change when a run is resumed (how long and how often, not what is trained).
+RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.eval_every", "train.eval_examples",
+                  "train.sample_every", "train.sample_steps", "train.num_samples", "train.ckpt_every",
+                  "train.keep_checkpoints", "eval.")
+
+
+class Objective(Protocol):
+    loss_scale: float  # multiplies the mean per-example nats into the optimised loss (e.g. 1/(D ln 2))
+
+    def __call__(
+        self, model: nn.Module, batch: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+
+@dataclass
+class Task:
+    """What the loop trains: a model, its objective, data, and optional evaluation and sampling."""
+
+    model: nn.Module
+    objective: Objective
+    train_batches: Callable[[int], Iterator[Tensor]]  # start step -> infinite stream of batches
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    sample: Callable[[nn.Module, torch.Generator], Tensor] | None = None  # -> uint8 images
+
+
+class EMA:
+    """Exponential moving average of the weights, always float32 (in bf16 a decay of 0.999 rounds
+    to 1 and the average never moves). The effective decay ramps up as min(decay, (1+n)/(10+n))."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach().float(), 1 - d)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+class MetricsLogger:
+    """Metrics to runs/NAME/metrics.jsonl and, when the tensorboard package is installed, TensorBoard."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                pass
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+
+def _check_config(run_dir: Path, cfg: RunConfig, allow_change: bool) -> None:
+    saved = run_dir / "config.json"
+    if not saved.exists():
+        return
+    diff = config_diff(json.loads(saved.read_text()), to_dict(cfg))
+    blocking = [d for d in diff if not d.startswith(RESUMABLE_KEYS)]
+    if blocking and not allow_change:
+        raise ConfigError(
+            f"{run_dir} was started with a different configuration:\n  " + "\n  ".join(blocking)
+            + "\nUse a new run name, or pass --allow-config-change to resume anyway."
+        )
+
+
+def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path:
+    """Train `task` for cfg.train.steps steps in runs/NAME, resuming from its latest checkpoint."""
+    tc = cfg.train
+    accelerator = Accelerator(mixed_precision="bf16" if tc.bf16 else "no", cpu=not torch.cuda.is_available())
+    device, is_main = accelerator.device, accelerator.is_main_process
+    run_dir = Path(cfg.out_dir) / cfg.name
+    _check_config(run_dir, cfg, allow_config_change)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+    # Model, EMA, optimizer, warm-up schedule.
+    model = task.model.to(device)
+    ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    # Stepped by hand once per optimizer step (a prepared scheduler steps once per process).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps)))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw = accelerator.unwrap_model(model)
+    generator = torch.Generator(device).manual_seed(tc.seed * 1009 + accelerator.process_index + 1)
+    modules = {"model": raw} | ({"ema": ema.model} if ema else {})
+
+    # Resume.
+    step = 0
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, modules)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        step = state["step"]
+        accelerator.print(f"resumed from {ckpt} at step {step}")
+
+    def checkpoint() -> None:
+        if is_main:
+            state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "generator": generator.get_state(), "torch_rng": torch.get_rng_state()}
+            save_checkpoint(run_dir, step, modules, state, keep=tc.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    def every(n: int) -> bool:
+        return n > 0 and (step % n == 0 or step == tc.steps)
+
+    logger = MetricsLogger(run_dir, is_main)
+    stream = task.train_batches(step)
+    eval_model = ema.model if ema else raw
+    bar = tqdm(total=tc.steps, initial=step, disable=not is_main, desc=cfg.name, dynamic_ncols=True)
+    skipped_in_row, skipped, t_last, step_last = 0, 0, time.perf_counter(), step
+    while step < tc.steps:
+        batch = next(stream).to(device)
+        with accelerator.autocast():
+            nats, metrics = task.objective(model, batch, generator)
+        loss = nats.mean() * task.objective.loss_scale
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            # A non-finite step is dropped rather than allowed to poison weights and EMA.
+            optimizer.zero_grad(set_to_none=True)
+            skipped, skipped_in_row = skipped + 1, skipped_in_row + 1
+            if skipped_in_row >= 20:
+                raise FloatingPointError(f"20 non-finite steps in a row at step {step}; last good checkpoint kept")
+            continue
+        skipped_in_row = 0
+        optimizer.step()
+        scheduler.step()
+        # Flush the gradients now: their memory is not needed until the next backward.
+        optimizer.zero_grad(set_to_none=True)
+        if ema:
+            ema.update(raw, step)
+        step += 1
+        bar.update(1)
+
+        if every(tc.log_every):
+            now = time.perf_counter()
+            logged = {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0],
+                      "skipped_steps": skipped, "sec_per_step": (now - t_last) / max(1, step - step_last)}
+            logged |= {k: v.item() for k, v in metrics.items()}
+            t_last, step_last = now, step
+            logger.log(step, logged)
+            bar.set_postfix(loss=f"{logged['loss']:.4f}")
+        if task.evaluate is not None and every(tc.eval_every) and is_main:
+            logger.log(step, {f"test_{k}": v for k, v in task.evaluate(eval_model).items()})
+        if task.sample is not None and every(tc.sample_every) and is_main:
+            images = task.sample(eval_model, torch.Generator(device).manual_seed(tc.seed))
+            save_grid(images, run_dir / "samples" / f"step_{step:08d}.png")
+        if every(tc.ckpt_every):
+            checkpoint()
+    bar.close()
+    if latest_checkpoint(run_dir) is None or int(latest_checkpoint(run_dir).name.split("_")[1]) != step:
+        checkpoint()
+    accelerator.end_training()
+    return run_dir
+
+
+def summarize(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())

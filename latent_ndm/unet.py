@@ -1,0 +1,328 @@
+"""U-Net of the DDPM++/ADM family, used as the diffusion denoiser and as NN(x, t) in F(x, t) = x + t*NN(x, t).
+
+Forward-mode AD (``torch.func.jvp`` / ``torch.autograd.forward_ad``) in t must work, including
+reverse-over-forward, so attention is written out explicitly: the fused SDPA kernels have no
+forward-AD rule. Normalisation runs in at least float32 so bf16 autocast keeps primal and tangent
+dtypes aligned (see ../shared/PITFALLS.md).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+__all__ = ["UNet", "UNET_SIZES", "build_unet"]
+
+
+UNET_SIZES: dict[str, dict[str, Any]] = {
+    # `attn_levels` (indices into channel_mult, negatives allowed) is resolved by build_unet into
+    # attn_resolutions for the requested image size, so "tiny" works at 8x8 and 16x16 alike.
+    "tiny": dict(channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_levels=(-1,), groups=8),
+    # 8 groups keep 4 channels per group at the first level; 32 groups would be instance norm there.
+    # The CPU MNIST preset: no attention and 16 channels keep an NDM step (denoiser plus two JVPs of F)
+    # around a second at batch 32 on 2 cores.
+    "mnist": dict(channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), groups=8),
+    "small": dict(channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,), groups=8),
+    "base": dict(channels=64, channel_mult=(1, 2, 2), num_res_blocks=2),
+    # DDPM++ (Song et al. 2021) size: 4 res blocks per level, not the 2 of DDPM (Ho et al. 2020).
+    "ddpmpp_cifar10": dict(
+        channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,), dropout=0.1
+    ),
+}
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm evaluated in at least float32 and cast back to the input dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        # bf16 statistics are too coarse, and under CPU autocast a plain GroupNorm left a bf16 primal
+        # with an fp32 tangent that the next conv rejected; an explicit round trip keeps both in x.dtype.
+        # promote_types keeps float64 models in float64 (gradient checks).
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        weight = None if self.weight is None else self.weight.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.group_norm(x.to(dtype), self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    """Zero a module's parameters in place and return it."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """Residual block with scale-shift time conditioning (ADM / DDPM++)."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int) -> None:
+        super().__init__()
+        self.norm1 = GroupNorm32(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_ch))
+        self.norm2 = GroupNorm32(groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        # Zero init makes every block start as its skip path, which stabilises deep U-Nets.
+        self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        """Apply the block to x conditioned on the time embedding emb [B, emb_dim]."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = rearrange(self.emb(emb), "b (two c) -> two b c 1 1", two=2)
+        # Scale-shift after the norm (rather than an additive bias before it) lets t modulate the
+        # normalised features multiplicatively; 1+scale keeps the block well-behaved at init.
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over spatial positions with a residual connection."""
+
+    def __init__(self, ch: int, num_heads: int, groups: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = GroupNorm32(groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = _zero(nn.Conv2d(ch, ch, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Attend over all H*W positions of x."""
+        height = x.shape[-2]
+        q, k, v = rearrange(
+            self.qkv(self.norm(x)), "b (three n d) h w -> three b n (h w) d", three=3, n=self.num_heads
+        )
+        # Explicit softmax(QK^T/sqrt(d))V: F.scaled_dot_product_attention's fused kernels have no
+        # forward-AD rule. Scaling q (N*d) is cheaper than scaling the N*N logits.
+        logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        # Softmax in at least fp32 so bf16 logits do not saturate; promote_types keeps float64 exact.
+        weights = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        out = weights.to(v.dtype) @ v
+        return x + self.proj(rearrange(out, "b n (h w) d -> b (n d) h w", h=height))
+
+
+class _ResAttn(nn.Module):
+    """A ResBlock optionally followed by self-attention."""
+
+    def __init__(self, res: ResBlock, attn: AttentionBlock | None) -> None:
+        super().__init__()
+        self.res = res
+        self.attn = attn if attn is not None else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        """Apply the residual block, then attention if present."""
+        return self.attn(self.res(x, emb))
+
+
+class _Level(nn.Module):
+    """The blocks of one resolution level and the resampling that follows them."""
+
+    def __init__(self, blocks: list[_ResAttn], resample: nn.Module | None) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.resample = resample
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv (avoids transposed-conv checkerboards)."""
+
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Double the spatial size."""
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """DDPM++/ADM-style U-Net mapping (x [B,C,H,W], t [B] in [0,1]) to [B,out_channels,H,W]."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        image_size: int,
+        channels: int = 64,
+        channel_mult: tuple[int, ...] = (1, 2, 2),
+        num_res_blocks: int = 2,
+        attn_resolutions: tuple[int, ...] = (),
+        num_heads: int = 1,
+        dropout: float = 0.0,
+        zero_init_out: bool = True,
+        groups: int = 32,
+    ) -> None:
+        super().__init__()
+        channel_mult = tuple(channel_mult)
+        attn_resolutions = tuple(attn_resolutions)
+        _validate(in_channels, out_channels, image_size, channels, channel_mult, num_res_blocks,
+                  attn_resolutions, num_heads, dropout, groups)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.image_size = image_size
+
+        emb_dim = 4 * channels
+        half = channels // 2
+        # Frequencies as a buffer so .double()/.to(device) carry them and forward does not rebuild them.
+        self.register_buffer(
+            "freqs", torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32) / half),
+            persistent=False,
+        )
+        self.time_mlp = nn.Sequential(nn.Linear(2 * half, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.input_conv = nn.Conv2d(in_channels, channels, 3, padding=1)
+
+        def attn(ch: int, res: int) -> AttentionBlock | None:
+            return AttentionBlock(ch, num_heads, groups) if res in attn_resolutions else None
+
+        # Encoder: record the channel count of every stored activation for the decoder's skips.
+        skip_chs = [channels]
+        ch, res = channels, image_size
+        self.down = nn.ModuleList()
+        for i, mult in enumerate(channel_mult):
+            blocks = []
+            for _ in range(num_res_blocks):
+                blocks.append(_ResAttn(ResBlock(ch, channels * mult, emb_dim, dropout, groups),
+                                       attn(channels * mult, res)))
+                ch = channels * mult
+                skip_chs.append(ch)
+            down = None
+            if i < len(channel_mult) - 1:
+                down = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+                skip_chs.append(ch)
+                res //= 2
+            self.down.append(_Level(blocks, down))
+
+        self.mid = nn.ModuleList([
+            _ResAttn(ResBlock(ch, ch, emb_dim, dropout, groups), AttentionBlock(ch, num_heads, groups)),
+            _ResAttn(ResBlock(ch, ch, emb_dim, dropout, groups), None),
+        ])
+
+        # Decoder: one extra block per level so every stored encoder activation is consumed once.
+        self.up = nn.ModuleList()
+        for i, mult in reversed(list(enumerate(channel_mult))):
+            blocks = []
+            for _ in range(num_res_blocks + 1):
+                res_block = ResBlock(ch + skip_chs.pop(), channels * mult, emb_dim, dropout, groups)
+                blocks.append(_ResAttn(res_block, attn(channels * mult, res)))
+                ch = channels * mult
+            up = None
+            if i > 0:
+                up = Upsample(ch)
+                res *= 2
+            self.up.append(_Level(blocks, up))
+        assert not skip_chs and res == image_size
+
+        self.out_norm = GroupNorm32(groups, ch)
+        self.out_conv = nn.Conv2d(ch, out_channels, 3, padding=1)
+        if zero_init_out:
+            # Zero output at init: F(x,t) = x + t*NN starts as the identity and the denoiser at 0.
+            _zero(self.out_conv)
+
+    def time_embedding(self, t: Tensor) -> Tensor:
+        """Sinusoidal embedding of 1000*t, shape [B, 2*(channels//2)]."""
+        # Scaling by 1000 puts continuous t in [0,1] on the frequency range tuned for DDPM's 1000 steps.
+        dtype = torch.promote_types(t.dtype, torch.float32)  # float64 t keeps a smooth float64 embedding
+        args = (1000.0 * t.to(dtype))[:, None] * self.freqs.to(dtype)
+        # Cast to the MLP's dtype so a float64 model (gradient checks) gets float64 embeddings.
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(next(self.time_mlp.parameters()).dtype)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        """Predict the output for x [B,C,H,W] at times t [B] (a 0-dim t is broadcast over the batch)."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"UNet expects x of shape [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"UNet was built for {self.image_size}x{self.image_size} inputs, got "
+                f"{x.shape[-2]}x{x.shape[-1]}"
+            )
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        elif t.shape != (x.shape[0],):
+            raise ValueError(f"t must be 0-dim or of shape [{x.shape[0]}], got {tuple(t.shape)}")
+
+        emb = self.time_mlp(self.time_embedding(t))
+        h = self.input_conv(x)
+        hs = [h]
+        for level in self.down:
+            for block in level.blocks:
+                h = block(h, emb)
+                hs.append(h)
+            if level.resample is not None:
+                h = level.resample(h)
+                hs.append(h)
+        for block in self.mid:
+            h = block(h, emb)
+        for level in self.up:
+            for block in level.blocks:
+                h = block(torch.cat([h, hs.pop()], dim=1), emb)
+            if level.resample is not None:
+                h = level.resample(h)
+        return self.out_conv(F.silu(self.out_norm(h)))
+
+
+def _validate(
+    in_channels: int,
+    out_channels: int,
+    image_size: int,
+    channels: int,
+    channel_mult: tuple[int, ...],
+    num_res_blocks: int,
+    attn_resolutions: tuple[int, ...],
+    num_heads: int,
+    dropout: float,
+    groups: int,
+) -> None:
+    """Raise ValueError for hyper-parameters that cannot build a consistent U-Net."""
+    if in_channels < 1 or out_channels < 1:
+        raise ValueError(f"in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}")
+    if not channel_mult or any(m < 1 for m in channel_mult):
+        raise ValueError(f"channel_mult must be a non-empty tuple of positive ints, got {channel_mult}")
+    if num_res_blocks < 1:
+        raise ValueError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
+    if channels < 2:
+        raise ValueError(f"channels must be >= 2 (the time embedding needs it), got {channels}")
+    factor = 2 ** (len(channel_mult) - 1)
+    if image_size < 1 or image_size % factor:
+        raise ValueError(
+            f"image_size {image_size} must be divisible by 2**(len(channel_mult)-1) = {factor} "
+            f"for channel_mult {channel_mult}"
+        )
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    for ch in {channels} | {channels * m for m in channel_mult}:
+        if ch % groups:
+            raise ValueError(f"channel count {ch} (channels*channel_mult) not divisible by groups={groups}")
+    resolutions = [image_size // 2**i for i in range(len(channel_mult))]
+    bad = [r for r in attn_resolutions if r not in resolutions]
+    if bad:
+        raise ValueError(f"attn_resolutions {bad} do not occur; resolutions of this U-Net are {resolutions}")
+    attn_chs = {channels * channel_mult[-1]} | {
+        channels * m for m, r in zip(channel_mult, resolutions, strict=True) if r in attn_resolutions
+    }
+    if num_heads < 1 or any(ch % num_heads for ch in attn_chs):
+        raise ValueError(f"num_heads={num_heads} must divide the attention channel counts {sorted(attn_chs)}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+
+
+def build_unet(size: str, in_channels: int, out_channels: int, image_size: int, **overrides: Any) -> UNet:
+    """Build the UNet preset `size` from UNET_SIZES, with keyword overrides."""
+    if size not in UNET_SIZES:
+        raise ValueError(f"unknown U-Net size {size!r}; choose from {sorted(UNET_SIZES)}")
+    if "attn_levels" in overrides and "attn_resolutions" in overrides:
+        raise ValueError("give attn_levels or attn_resolutions, not both")
+    cfg = {**UNET_SIZES[size], **overrides}
+    levels = cfg.pop("attn_levels", None)
+    # An explicit attn_resolutions override wins over a preset's attn_levels.
+    if levels is not None and "attn_resolutions" not in overrides:
+        n = len(cfg.get("channel_mult", inspect.signature(UNet).parameters["channel_mult"].default))
+        if any(not -n <= lvl < n for lvl in levels):
+            raise ValueError(f"attn_levels {levels} out of range for {n} levels")
+        cfg["attn_resolutions"] = tuple(image_size // 2 ** (lvl % n) for lvl in levels)
+    return UNet(in_channels, out_channels, image_size, **cfg)

@@ -1,0 +1,260 @@
+"""The NDM mathematics against closed forms and independent computations (SPEC.md)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.distributions import Normal, kl_divergence
+
+from latent_ndm import process as P
+from latent_ndm.ndm import NDM, Denoiser
+from latent_ndm.schedules import CosineGamma, LearnedGamma, LinearGamma
+from latent_ndm.transforms import IdentityTransform, NeuralTransform, Transform
+from latent_ndm.unet import UNet
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Closed-form comparisons run in float64; the default is restored for other test modules."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+class SmoothTransform(Transform):
+    """A fixed non-linear F(x, t) = x + t sin(2x + 3t) x with F(x, 0) = x (closed-form test case)."""
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        t = t.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+        return x + t * torch.sin(2 * x + 3 * t) * x
+
+
+class ScaleNet(nn.Module):
+    """A fixed denoiser network: eps_hat = 0.7 z (x-parameterised: xhat = 0.7 z)."""
+
+    def forward(self, z: Tensor, t: Tensor) -> Tensor:
+        return 0.7 * z
+
+
+def ddpm_model(T: int) -> NDM:
+    return NDM(LinearGamma(-13.3, 5.0), IdentityTransform(), Denoiser(ScaleNet(), "x"), "discrete8bit", T)
+
+
+def data(b: int = 6, seed: int = 0) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randint(0, 256, (b, 1, 4, 4), generator=g)
+    return P.bin_centres(dtype=torch.float64)[k]
+
+
+# -- F = identity reproduces the plain-diffusion (DDPM/VDM) NELBO --------------------------------
+
+
+def independent_vdm_terms(x: Tensor, t: Tensor, eps: Tensor, eps0: Tensor, T: int) -> dict[str, Tensor]:
+    """VDM's bound written from scratch: SNR(t) = exp(-gamma), gamma linear from -13.3 to 5."""
+    g = lambda u: -13.3 + 18.3 * u  # noqa: E731
+    a = lambda u: torch.sqrt(torch.sigmoid(-g(u))).view(-1, 1, 1, 1)  # noqa: E731
+    sd = lambda u: torch.sqrt(torch.sigmoid(g(u))).view(-1, 1, 1, 1)  # noqa: E731
+    snr = lambda u: torch.exp(-g(u))  # noqa: E731
+    z_t = a(t) * x + sd(t) * eps
+    xhat = 0.7 * z_t
+    sq = ((x - xhat) ** 2).flatten(1).sum(1)
+    if T > 0:
+        s = t - 1.0 / T
+        diff = T * 0.5 * (snr(s) - snr(t)) * sq  # DDPM: KL = (SNR(s) - SNR(t)) / 2 ||x - xhat||^2
+    else:
+        diff = 0.5 * 18.3 * snr(t) * sq  # VDM: -1/2 SNR'(t) ||x - xhat||^2
+    # Discrete decoder: normalised Gaussian densities of z_0 at alpha_0 * (bin centres).
+    zeros = torch.zeros(len(x))
+    z0 = a(zeros) * x + sd(zeros) * eps0
+    y = torch.linspace(-1 + 1 / 256, 1 - 1 / 256, 256)
+    logits = Normal(a(zeros)[..., None] * y, sd(zeros)[..., None]).log_prob(z0[..., None])
+    logp = torch.log_softmax(logits, -1)
+    k = torch.round((x + 1) * 128 - 0.5).long()
+    rec = -logp.gather(-1, k[..., None]).flatten(1).sum(1)
+    ones = torch.ones(len(x))
+    prior = kl_divergence(Normal(a(ones) * x, sd(ones)), Normal(0.0, 1.0)).flatten(1).sum(1)
+    return {"rec": rec, "diff": diff, "prior": prior}
+
+
+@pytest.mark.parametrize("T", [0, 10, 1000])
+def test_identity_transform_is_plain_diffusion(T: int) -> None:
+    x = data()
+    g = torch.Generator().manual_seed(1)
+    eps, eps0 = torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g)
+    t = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9, 1.0]) if T else torch.rand(len(x), generator=g)
+    model = ddpm_model(T)
+    ours = {"rec": model.reconstruction_loss(x, eps0), "diff": model.diffusion_loss(x, t, eps, T),
+            "prior": model.prior_loss(x)}
+    ref = independent_vdm_terms(x, t, eps, eps0, T)
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], rtol=1e-5, atol=0)
+
+
+def test_nelbo_draws_are_reproducible_and_terms_positive() -> None:
+    model = ddpm_model(0)
+    x = data(8)
+    a = model.nelbo(x, torch.Generator().manual_seed(3))
+    b = model.nelbo(x, torch.Generator().manual_seed(3))
+    for k in a:
+        assert a[k].shape == (8,) and torch.equal(a[k], b[k]) and (a[k] >= 0).all()
+
+
+# -- posterior ----------------------------------------------------------------------------------
+
+
+def test_posterior_keeps_the_marginals_for_nonlinear_f() -> None:
+    """z_t ~ q(z_t|x), then z_s ~ q(z_s|z_t,x) has the moments of q(z_s|x) = N(alpha_s F(x,s), sigma_s^2)."""
+    F = SmoothTransform()
+    n = 400_000
+    x = torch.tensor([[-0.8, 0.1, 0.6]]).expand(n, 3)
+    schedule = CosineGamma(-8.0, 6.0)
+    t, s = torch.full((n,), 0.7), torch.full((n,), 0.4)
+    gt, gs = schedule(t), schedule(s)
+    g = torch.Generator().manual_seed(0)
+    z_t = P.marginal_sample(F(x, t), gt, torch.randn(x.shape, generator=g))
+    mean = P.posterior_mean(F(x, s), F(x, t), z_t, gs, gt)
+    _, v = P.posterior_coefficients(gs, gt)
+    z_s = mean + v.sqrt()[:, None] * torch.randn(x.shape, generator=g)
+    alpha_s, sigma_s = P.alpha_sigma(gs[0])
+    want_mean, want_var = alpha_s * F(x[:1], s[:1])[0], sigma_s**2
+    se_mean = math.sqrt(want_var / n)
+    assert torch.all((z_s.mean(0) - want_mean).abs() < 5 * se_mean)
+    assert torch.all((z_s.var(0) - want_var).abs() < 5 * want_var * math.sqrt(2 / n))
+
+
+def test_posterior_is_ddpm_posterior_for_identity() -> None:
+    gs, gt = torch.tensor([-3.0]), torch.tensor([1.0])
+    c, v = P.posterior_coefficients(gs, gt)
+    a2 = lambda g: torch.sigmoid(-g)  # noqa: E731
+    beta = 1 - a2(gt) / a2(gs)  # sigma_{t|s}^2
+    # DDPM (Ho et al. eq. 7): mean = sqrt(abar_s) beta/(1-abar_t) x + sqrt(alpha_t)(1-abar_s)/(1-abar_t) z_t.
+    torch.testing.assert_close(c, torch.sqrt(1 - beta) * (1 - a2(gs)) / (1 - a2(gt)))
+    torch.testing.assert_close(v, (1 - a2(gs)) / (1 - a2(gt)) * beta)
+    x, z = torch.tensor([[0.3]]), torch.tensor([[-0.5]])
+    mean = P.posterior_mean(x, x, z, gs, gt)
+    want = a2(gs).sqrt() * beta / (1 - a2(gt)) * x + torch.sqrt(1 - beta) * (1 - a2(gs)) / (1 - a2(gt)) * z
+    torch.testing.assert_close(mean, want)
+
+
+def test_step_kl_equals_torch_distributions() -> None:
+    F = SmoothTransform()
+    g = torch.Generator().manual_seed(2)
+    x, xh, z_t = (torch.randn(5, 2, 3, generator=g) for _ in range(3))
+    t, s = torch.full((5,), 0.6), torch.full((5,), 0.55)
+    sched = LinearGamma(-10.0, 10.0)
+    gs, gt = sched(s), sched(t)
+    _, v = P.posterior_coefficients(gs, gt)
+    q = Normal(P.posterior_mean(F(x, s), F(x, t), z_t, gs, gt), v.sqrt().view(-1, 1, 1))
+    p = Normal(P.posterior_mean(F(xh, s), F(xh, t), z_t, gs, gt), v.sqrt().view(-1, 1, 1))
+    want = kl_divergence(q, p).flatten(1).sum(1)
+    got = P.diffusion_kl(F(x, s) - F(xh, s), F(x, t) - F(xh, t), gs, gt)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+
+
+# -- discrete time converges to continuous time -------------------------------------------------
+
+
+def test_discrete_loss_converges_to_continuous() -> None:
+    """Fixed non-linear F and fixed xhat: sum_i KL_i -> integral of the continuous integrand."""
+    F = SmoothTransform()
+    sched = LinearGamma(-10.0, 5.0)
+    x = torch.tensor([[-0.9, -0.2, 0.4, 0.8]])
+    xh = torch.tensor([[-0.7, 0.1, 0.3, 0.95]])
+
+    def discrete(T: int) -> float:
+        t = torch.arange(1, T + 1) / T
+        s = torch.arange(0, T) / T
+        X, XH = x.expand(T, 4), xh.expand(T, 4)
+        return P.diffusion_kl(F(X, s) - F(XH, s), F(X, t) - F(XH, t), sched(s), sched(t)).sum().item()
+
+    # The continuous integral by Gauss-Legendre quadrature on 8 panels (exact to ~1e-12 here).
+    nodes_np, weights_np = np.polynomial.legendre.leggauss(64)
+    nodes, weights = torch.from_numpy(nodes_np), torch.from_numpy(weights_np)
+    total = 0.0
+    for k in range(8):
+        a, b = k / 8, (k + 1) / 8
+        t = (a + b) / 2 + (b - a) / 2 * nodes
+        X, XH = x.expand(len(t), 4), xh.expand(len(t), 4)
+        f_x, fd_x = F.value_and_time_derivative(X, t)
+        f_h, fd_h = F.value_and_time_derivative(XH, t)
+        g, dg = sched.gamma_and_derivative(t)
+        total += ((b - a) / 2 * weights * P.diffusion_loss_continuous(f_x - f_h, fd_x - fd_h, g, dg)).sum().item()
+
+    errors = [abs(discrete(T) - total) / total for T in (10, 100, 1000, 10_000)]
+    assert errors[-1] < 1e-3, errors
+    assert errors[0] > errors[1] > errors[2] > errors[3], errors
+
+
+def test_continuous_loss_sign_matters() -> None:
+    """The minus sign in (d - d_dot/gamma'): the plus-sign variant disagrees with the discrete limit."""
+    d, d_dot = torch.ones(1, 3), torch.full((1, 3), 0.5)
+    g, dg = torch.tensor([0.0]), torch.tensor([2.0])
+    minus = P.diffusion_loss_continuous(d, d_dot, g, dg)
+    torch.testing.assert_close(minus, torch.tensor([0.5 * 2.0 * 3 * 0.75**2]))
+
+
+# -- forward-mode dF/dt and gradients -----------------------------------------------------------
+
+
+def perturbed(module: nn.Module, seed: int, scale: float = 0.05) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return module
+
+
+def test_unet_transform_time_derivative_matches_central_differences() -> None:
+    unet = UNet(1, 1, 8, channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), groups=4)
+    net = perturbed(unet, 0)
+    F = NeuralTransform(net)
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.2, 0.5, 0.9])
+    f_jvp, d_jvp = F.value_and_time_derivative(x, t, "jvp")
+    f_fad, d_fad = F.value_and_time_derivative(x, t, "forward_ad")
+    F.fd_step = 1e-7  # the time embedding's 1000 rad per unit t makes the O(h^2) term large at 1e-5
+    f_fd, d_fd = F.value_and_time_derivative(x, t, "fd")
+    torch.testing.assert_close(f_jvp, F(x, t))
+    torch.testing.assert_close(d_fad, d_jvp, rtol=1e-10, atol=1e-12)
+    assert (d_jvp - d_fd).norm() / d_jvp.norm() < 1e-6
+    assert d_jvp.abs().max() > 1e-3  # the check is not vacuous
+
+
+def test_gradients_reach_theta_phi_and_a_learnable_schedule() -> None:
+    torch.manual_seed(0)
+    unet = lambda: UNet(1, 1, 8, channels=8, channel_mult=(1, 2), num_res_blocks=1, groups=4)  # noqa: E731
+    # Perturbed so the zero-initialised layers (which block gradients to the layers before) are open.
+    model = NDM(LearnedGamma(-10.0, 5.0, hidden=16), NeuralTransform(perturbed(unet(), 1)),
+                Denoiser(perturbed(unet(), 2), "eps"), "discrete8bit", 0)
+    x = P.bin_centres(dtype=torch.float64)[torch.randint(0, 256, (4, 1, 8, 8))]
+    for T in (0, 10):
+        model.zero_grad()
+        terms = model.nelbo(x, torch.Generator().manual_seed(0), num_steps=T)
+        sum(terms.values()).mean().backward()
+        for name, part in (("theta", model.denoiser), ("phi", model.transform), ("gamma", model.schedule)):
+            for pname, p in part.named_parameters():
+                assert p.grad is not None and (p.grad != 0).any(), f"{name}: {pname} (T={T})"
+
+
+def test_schedules_are_monotone_and_hit_their_endpoints() -> None:
+    t = torch.linspace(0, 1, 101)
+    for sched in (LinearGamma(-13.3, 5.0), CosineGamma(-13.3, 5.0), LearnedGamma(-13.3, 5.0, 32)):
+        g, dg = sched.gamma_and_derivative(t)
+        assert g.dtype == torch.float64
+        torch.testing.assert_close(g[[0, -1]], torch.tensor([-13.3, 5.0]), rtol=0, atol=1e-9)
+        assert (dg > 0).all()
+        fd = (sched(t[1:-1] + 1e-6) - sched(t[1:-1] - 1e-6)) / 2e-6
+        torch.testing.assert_close(dg[1:-1], fd, rtol=1e-5, atol=1e-6)
+
+
+def test_reconstruction_likelihood_is_normalised() -> None:
+    """p(x | z_0) sums to one over the 256 values of a pixel."""
+    z0 = torch.tensor([[[-0.31]]]).expand(256, 1, 1)
+    x = P.bin_centres(dtype=torch.float64).view(256, 1, 1)
+    nll = P.reconstruction_nll_discrete(x, z0, torch.full((256,), -6.0))
+    torch.testing.assert_close(torch.exp(-nll).sum(), torch.tensor(1.0))

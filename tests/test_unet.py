@@ -1,0 +1,170 @@
+"""Tests for latent_ndm.unet: shapes, forward-mode AD in t, reverse-over-forward, bf16, validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd import forward_ad as fwad
+
+from latent_ndm.unet import UNET_SIZES, UNet, build_unet
+
+# torch loads its jvp decompositions through the deprecated torch.jit.script on first forward-AD use.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+
+
+def _perturbed_tiny(dtype: torch.dtype, size: int = 8, ch: int = 2, seed: int = 0) -> UNet:
+    """A tiny U-Net whose zero-initialised layers are perturbed so that output and d/dt are non-trivial."""
+    torch.manual_seed(seed)
+    model = build_unet("tiny", ch, ch, size).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _dt(model: UNet, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output and d/dt of model(x, t) via torch.func.jvp."""
+    return torch.func.jvp(lambda tt: model(x, tt), (t,), (torch.ones_like(t),))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_shapes_and_zero_init() -> None:
+    mnist = build_unet("tiny", 1, 1, 28, channel_mult=(1, 2, 2))  # 28 -> 14 -> 7
+    out = mnist(torch.randn(2, 1, 28, 28), torch.rand(2))
+    assert out.shape == (2, 1, 28, 28)
+    assert torch.equal(out, torch.zeros_like(out))
+
+    rgb = build_unet("tiny", 3, 3, 16)
+    out = rgb(torch.randn(3, 3, 16, 16), torch.tensor(0.5))  # 0-dim t is broadcast
+    assert out.shape == (3, 3, 16, 16)
+    assert torch.equal(out, torch.zeros_like(out))
+
+    other = build_unet("tiny", 3, 5, 16, zero_init_out=False)(torch.randn(2, 3, 16, 16), torch.rand(2))
+    assert other.shape == (2, 5, 16, 16) and other.abs().max() > 0
+
+
+def test_zero_dim_t_matches_batched_t() -> None:
+    model = _perturbed_tiny(torch.float64)
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    t = torch.tensor(0.3, dtype=torch.float64)
+    torch.testing.assert_close(model(x, t), model(x, t.expand(3)))
+
+
+def test_jvp_in_t_matches_central_differences_and_forward_ad() -> None:
+    model = _perturbed_tiny(torch.float64)
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    with torch.no_grad():
+        out, tangent = _dt(model, x, t)
+        # d/dt is ~100x the output (1000*t frequencies), so truncation needs a small step: ~3e-9 rel. here.
+        h = 1e-7
+        fd = (model(x, t + h) - model(x, t - h)) / (2 * h)
+    assert tangent.norm() > 1e-3 * out.norm() > 0
+    assert _rel(fd, tangent) < 1e-6
+    torch.testing.assert_close(out, model(x, t), rtol=0, atol=1e-12)
+
+    with torch.no_grad(), fwad.dual_level():
+        primal, tangent_fwad = fwad.unpack_dual(model(x, fwad.make_dual(t, torch.ones_like(t))))
+    torch.testing.assert_close(primal, out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tangent_fwad, tangent, rtol=1e-10, atol=1e-12)
+
+
+def test_reverse_over_forward_gradient() -> None:
+    model = _perturbed_tiny(torch.float64)
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    t = torch.tensor([0.2, 0.7], dtype=torch.float64)
+
+    def loss() -> torch.Tensor:
+        return _dt(model, x, t)[1].pow(2).sum()
+
+    loss().backward()
+    named = dict(model.named_parameters())
+    zero_grad = {n for n, p in named.items() if p.grad is None or not p.grad.any()}
+    # The output bias is the only parameter that does not influence d/dt.
+    assert zero_grad == {"out_conv.bias"}, f"parameters without gradient through the tangent: {zero_grad}"
+
+    # One scalar in the time MLP and one in the middle attention, checked by central differences.
+    h = 1e-6
+    for name, idx in [("time_mlp.0.weight", (3, 5)), ("mid.0.attn.qkv.weight", (7, 2, 0, 0))]:
+        p = named[name]
+        with torch.no_grad():
+            orig = p[idx].item()
+            p[idx] = orig + h
+            plus = loss()
+            p[idx] = orig - h
+            minus = loss()
+            p[idx] = orig
+        fd = ((plus - minus) / (2 * h)).item()
+        assert fd != 0.0
+        print(f"{name}{list(idx)}: autograd {p.grad[idx].item():.10g}, central difference {fd:.10g}")
+        assert abs(p.grad[idx].item() - fd) < 1e-6 * abs(fd), (name, p.grad[idx].item(), fd)
+
+
+def test_bf16_autocast_forward_and_jvp_close_to_fp32() -> None:
+    model = _perturbed_tiny(torch.float32, size=16, ch=3)
+    x = torch.randn(4, 3, 16, 16)
+    t = torch.rand(4)
+    out32, tan32 = _dt(model, x, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out16 = model(x, t)
+        jvp_out16, tan16 = _dt(model, x, t)  # plain nn.GroupNorm fails here (bf16/fp32 mismatch)
+    assert out16.dtype == torch.bfloat16 and tan16.dtype == torch.bfloat16
+    assert torch.isfinite(out16).all() and torch.isfinite(tan16).all()
+    assert out32.abs().mean() > 0.1 and tan32.abs().mean() > 0.1  # non-trivial, so the errors mean something
+    assert _rel(out16.float(), out32) < 0.05
+    assert _rel(jvp_out16.float(), out32) < 0.05
+    assert _rel(tan16.float(), tan32) < 0.1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(image_size=30, channel_mult=(1, 2, 2)), "divisible by 2"),
+        (dict(image_size=16, channels=20, groups=8), "not divisible by groups"),
+        (dict(image_size=16, attn_resolutions=(4,)), "do not occur"),
+        (dict(image_size=16, num_heads=3), "num_heads"),
+    ],
+)
+def test_invalid_construction_raises(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        UNet(1, 1, **{"channels": 16, "channel_mult": (1, 2), "num_res_blocks": 1, "groups": 8, **kwargs})
+
+
+def test_invalid_inputs_raise() -> None:
+    model = build_unet("tiny", 3, 3, 8)
+    t = torch.rand(2)
+    with pytest.raises(ValueError, match="expects x of shape"):
+        model(torch.randn(2, 1, 8, 8), t)
+    with pytest.raises(ValueError, match="built for 8x8"):
+        model(torch.randn(2, 3, 16, 16), t)
+    with pytest.raises(ValueError, match="t must be"):
+        model(torch.randn(2, 3, 8, 8), torch.rand(3))
+    with pytest.raises(ValueError, match="unknown U-Net size"):
+        build_unet("huge", 3, 3, 8)
+
+
+@pytest.mark.parametrize(
+    ("size", "ch", "res", "lo", "hi"),
+    [
+        ("tiny", 3, 16, 1e5, 5e5),
+        ("mnist", 1, 28, 1e5, 6e5),
+        ("small", 1, 28, 5e5, 3e6),
+        ("base", 3, 32, 3e6, 1.5e7),
+        ("ddpmpp_cifar10", 3, 32, 4e7, 8e7),  # DDPM++ cont. reports ~62M
+    ],
+)
+def test_presets_build(size: str, ch: int, res: int, lo: float, hi: float) -> None:
+    model = build_unet(size, ch, ch, res)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"{size}: {n:,} parameters")
+    assert lo < n < hi
+    if size != "ddpmpp_cifar10":  # a forward of the 63M model would dominate the test time
+        out = model(torch.randn(1, ch, res, res), torch.rand(1))
+        assert out.shape == (1, ch, res, res)
+
+
+def test_every_preset_is_tested() -> None:
+    assert set(UNET_SIZES) == {"tiny", "mnist", "small", "base", "ddpmpp_cifar10"}

@@ -56,7 +56,7 @@ def cmd_evaluate(argv: list[str]) -> int:
 
     cfg, model = load_run(args.run_dir, ema=not args.no_ema)
     images = torch.from_numpy(load_split(cfg.data, "test").images)[: args.num_images]
-    steps = args.steps or [model.num_steps]
+    steps = args.steps or [model.num_steps if cfg.eval.num_steps is None else cfg.eval.num_steps]
     repeats = args.repeats or cfg.eval.repeats
     report = {"run": str(args.run_dir), "num_images": len(images), "repeats": repeats, "nelbo": {}}
     for T in steps:

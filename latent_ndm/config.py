@@ -257,6 +257,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("train.steps must be >= 0 and train.batch_size >= 1")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay = {t.ema_decay}; must lie in [0, 1)")
+    if m.transform == "neural" and (m.transform_net.dropout or 0.0) > 0:
+        raise ConfigError("model.transform_net.dropout must be 0: F must be deterministic (see ndm.build_ndm)")
     if cfg.data.channels < 1 or cfg.data.image_size < 1:
         raise ConfigError("data.channels and data.image_size must be positive")
 

@@ -53,10 +53,15 @@ def pixel_task(cfg: RunConfig) -> Task:
         return batches(train_data, cfg.train.batch_size, cfg.train.seed, start_step)
 
     def evaluate(m: NDM) -> dict[str, float]:
-        return evaluate_nelbo(m, test_images, codec, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed)
+        return evaluate_nelbo(m, test_images, codec, cfg.eval.num_steps, cfg.eval.batch_size, cfg.eval.repeats,
+                              cfg.eval.seed)
 
     def sample(m: NDM, generator: torch.Generator) -> Tensor:
-        return codec.decode(ancestral(m, shape, generator, cfg.train.sample_steps).x)
+        was_training = m.training
+        m.eval()  # no dropout while sampling, also when there is no EMA copy
+        images = codec.decode(ancestral(m, shape, generator, cfg.train.sample_steps).x)
+        m.train(was_training)
+        return images
 
     return Task(model, NELBOObjective(codec, test_images[0].numel()), stream, evaluate, sample)
 

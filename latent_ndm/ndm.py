@@ -169,7 +169,10 @@ def build_ndm(cfg: ModelConfig, channels: int, image_size: int) -> NDM:
     if cfg.transform == "identity":
         transform: Transform = IdentityTransform()
     else:
-        net = build_unet(cfg.transform_net.size, channels, channels, image_size, **cfg.transform_net.overrides())
+        # F must be deterministic: F(x, .) and F(xhat, .) are separate evaluations whose difference is the
+        # loss, and independent dropout masks would add an O(1) term that T/v or SNR/gamma' amplifies.
+        overrides = cfg.transform_net.overrides() | {"dropout": 0.0}
+        net = build_unet(cfg.transform_net.size, channels, channels, image_size, **overrides)
         transform = NeuralTransform(net, cfg.fdot)
     sampler = None
     if cfg.num_steps == 0 and cfg.importance_sampling:

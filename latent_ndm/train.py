@@ -105,6 +105,13 @@ def _check_config(run_dir: Path, cfg: RunConfig, allow_change: bool) -> None:
         )
 
 
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint being resumed: those steps are about to be redone."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
 def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path:
     """Train `task` for cfg.train.steps steps in runs/NAME, resuming from its latest checkpoint."""
     tc = cfg.train
@@ -138,6 +145,8 @@ def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path
         torch.set_rng_state(state["torch_rng"])
         step = state["step"]
         accelerator.print(f"resumed from {ckpt} at step {step}")
+        if is_main:
+            _truncate_metrics(run_dir / "metrics.jsonl", step)
 
     def checkpoint() -> None:
         if is_main:
@@ -161,7 +170,8 @@ def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path
         loss = nats.mean() * task.objective.loss_scale
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        # grad_norm is computed from all-reduced gradients, so every rank takes the same decision.
+        if not torch.isfinite(grad_norm):
             # A non-finite step is dropped rather than allowed to poison weights and EMA.
             optimizer.zero_grad(set_to_none=True)
             skipped, skipped_in_row = skipped + 1, skipped_in_row + 1
@@ -194,7 +204,8 @@ def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path
         if every(tc.ckpt_every):
             checkpoint()
     bar.close()
-    if latest_checkpoint(run_dir) is None or int(latest_checkpoint(run_dir).name.split("_")[1]) != step:
+    last = latest_checkpoint(run_dir)
+    if last is None or last.name != f"step_{step:08d}":
         checkpoint()
     accelerator.end_training()
     return run_dir

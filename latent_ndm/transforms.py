@@ -67,7 +67,11 @@ class NeuralTransform(Transform):
         self.fdot_method = fdot_method
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        t = t.to(x.dtype).reshape(-1)
-        if t.numel() == 1:
-            t = t.expand(x.shape[0])
-        return x + t.reshape(-1, *([1] * (x.dim() - 1))) * self.net(x, t)
+        # F runs in float32 even under bf16 autocast: the loss is a difference F(x,.) - F(xhat,.) scaled by
+        # up to SNR/gamma' (continuous) or T/v (discrete), so bf16 rounding in F would not cancel.
+        x = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+        with torch.autocast(x.device.type, enabled=False):
+            t = t.to(x.dtype).reshape(-1)
+            if t.numel() == 1:
+                t = t.expand(x.shape[0])
+            return x + t.reshape(-1, *([1] * (x.dim() - 1))) * self.net(x, t)

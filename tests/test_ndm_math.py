@@ -41,8 +41,8 @@ class ScaleNet(nn.Module):
         return 0.7 * z
 
 
-def ddpm_model(T: int) -> NDM:
-    return NDM(LinearGamma(-13.3, 5.0), IdentityTransform(), Denoiser(ScaleNet(), "x"), "discrete8bit", T)
+def ddpm_model(T: int, parameterization: str = "x") -> NDM:
+    return NDM(LinearGamma(-13.3, 5.0), IdentityTransform(), Denoiser(ScaleNet(), parameterization), "discrete8bit", T)
 
 
 def data(b: int = 6, seed: int = 0) -> Tensor:
@@ -54,14 +54,14 @@ def data(b: int = 6, seed: int = 0) -> Tensor:
 # -- F = identity reproduces the plain-diffusion (DDPM/VDM) NELBO --------------------------------
 
 
-def independent_vdm_terms(x: Tensor, t: Tensor, eps: Tensor, eps0: Tensor, T: int) -> dict[str, Tensor]:
+def independent_vdm_terms(x: Tensor, t: Tensor, eps: Tensor, eps0: Tensor, T: int, param: str) -> dict[str, Tensor]:
     """VDM's bound written from scratch: SNR(t) = exp(-gamma), gamma linear from -13.3 to 5."""
     g = lambda u: -13.3 + 18.3 * u  # noqa: E731
     a = lambda u: torch.sqrt(torch.sigmoid(-g(u))).view(-1, 1, 1, 1)  # noqa: E731
     sd = lambda u: torch.sqrt(torch.sigmoid(g(u))).view(-1, 1, 1, 1)  # noqa: E731
     snr = lambda u: torch.exp(-g(u))  # noqa: E731
     z_t = a(t) * x + sd(t) * eps
-    xhat = 0.7 * z_t
+    xhat = 0.7 * z_t if param == "x" else (z_t - sd(t) * 0.7 * z_t) / a(t)
     sq = ((x - xhat) ** 2).flatten(1).sum(1)
     if T > 0:
         s = t - 1.0 / T
@@ -81,16 +81,17 @@ def independent_vdm_terms(x: Tensor, t: Tensor, eps: Tensor, eps0: Tensor, T: in
     return {"rec": rec, "diff": diff, "prior": prior}
 
 
+@pytest.mark.parametrize("param", ["x", "eps"])
 @pytest.mark.parametrize("T", [0, 10, 1000])
-def test_identity_transform_is_plain_diffusion(T: int) -> None:
+def test_identity_transform_is_plain_diffusion(T: int, param: str) -> None:
     x = data()
     g = torch.Generator().manual_seed(1)
     eps, eps0 = torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g)
     t = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9, 1.0]) if T else torch.rand(len(x), generator=g)
-    model = ddpm_model(T)
+    model = ddpm_model(T, param)
     ours = {"rec": model.reconstruction_loss(x, eps0), "diff": model.diffusion_loss(x, t, eps, T),
             "prior": model.prior_loss(x)}
-    ref = independent_vdm_terms(x, t, eps, eps0, T)
+    ref = independent_vdm_terms(x, t, eps, eps0, T, param)
     for k in ref:
         torch.testing.assert_close(ours[k], ref[k], rtol=1e-5, atol=0)
 
@@ -252,9 +253,34 @@ def test_schedules_are_monotone_and_hit_their_endpoints() -> None:
         torch.testing.assert_close(dg[1:-1], fd, rtol=1e-5, atol=1e-6)
 
 
-def test_reconstruction_likelihood_is_normalised() -> None:
-    """p(x | z_0) sums to one over the 256 values of a pixel."""
-    z0 = torch.tensor([[[-0.31]]]).expand(256, 1, 1)
-    x = P.bin_centres(dtype=torch.float64).view(256, 1, 1)
-    nll = P.reconstruction_nll_discrete(x, z0, torch.full((256,), -6.0))
-    torch.testing.assert_close(torch.exp(-nll).sum(), torch.tensor(1.0))
+def test_gaussian_decoder_and_bits_per_dim() -> None:
+    """Continuous data (latents): -log N(x; z_0/alpha_0, sigma_0^2/alpha_0^2 I), against torch.distributions."""
+    g = torch.Generator().manual_seed(4)
+    x, z0 = torch.randn(3, 2, 5, generator=g), torch.randn(3, 2, 5, generator=g)
+    gamma_0 = torch.tensor([-5.0, -2.0, 1.0])
+    alpha, sigma = torch.sigmoid(-gamma_0).sqrt().view(-1, 1, 1), torch.sigmoid(gamma_0).sqrt().view(-1, 1, 1)
+    want = -Normal(z0 / alpha, sigma / alpha).log_prob(x).flatten(1).sum(1)
+    torch.testing.assert_close(P.reconstruction_nll_gaussian(x, z0, gamma_0), want)
+    torch.testing.assert_close(P.bits_per_dim(torch.tensor([10 * math.log(2)]), 10), torch.tensor([1.0]))
+
+
+def test_dropout_is_refused_inside_f() -> None:
+    from latent_ndm.config import ConfigError, load_config
+    from latent_ndm.ndm import build_ndm
+
+    with pytest.raises(ConfigError, match="transform_net.dropout must be 0"):
+        load_config(None, ["model.transform_net.dropout=0.1"])
+    cfg = load_config(None, ["model.transform_net.size=ddpmpp_cifar10", "model.denoiser.size=tiny"])
+    model = build_ndm(cfg.model, 3, 32)  # the preset's dropout 0.1 is switched off for F
+    assert all(m.p == 0 for m in model.transform.modules() if isinstance(m, nn.Dropout))
+
+
+def test_transform_runs_in_float32_under_bf16_autocast() -> None:
+    """F's rounding does not cancel in F(x) - F(xhat): under autocast it must equal the fp32 result."""
+    unet = UNet(1, 1, 8, channels=8, channel_mult=(1, 2), num_res_blocks=1, groups=4).float()
+    F = NeuralTransform(perturbed(unet, 3))
+    x, t = torch.randn(2, 1, 8, 8, dtype=torch.float32), torch.tensor([0.3, 0.8], dtype=torch.float32)
+    want, want_dot = F.value_and_time_derivative(x, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_dot = F.value_and_time_derivative(x, t)
+    assert got.dtype == torch.float32 and torch.equal(got, want) and torch.equal(got_dot, want_dot)

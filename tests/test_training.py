@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -74,3 +75,12 @@ def test_resume_with_a_different_model_is_refused(tmp_path: Path) -> None:
         assert "model.num_steps: 0 -> 10" in str(e)
     else:
         raise AssertionError("resuming with a different model config was not refused")
+
+
+def test_bf16_autocast_training_runs_and_keeps_float32_weights(tmp_path: Path) -> None:
+    cfg = tiny(tmp_path, "bf16", "train.steps=4", "train.ckpt_every=4", "train.bf16=true")
+    run_dir = train(cfg, pixel_task(cfg))
+    loss = losses(run_dir)
+    assert len(loss) == 4 and all(math.isfinite(v) for v in loss)
+    _, model = load_run(run_dir)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # EMA and weights stay fp32

@@ -31,7 +31,7 @@ def evaluate_nelbo(
     """
     was_training = ndm.training
     ndm.eval()
-    device = next(ndm.parameters()).device
+    device = ndm.device
     generator = torch.Generator(device).manual_seed(seed)
     dims = images[0].numel()
     per_image = {k: torch.zeros(len(images), dtype=torch.float64) for k in ("rec", "diff", "prior")}

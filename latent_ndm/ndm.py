@@ -50,6 +50,7 @@ class NDM(nn.Module):
         likelihood: str = "discrete8bit",
         num_steps: int = 0,
         time_sampler: ImportanceSampler | None = None,
+        data_shape: tuple[int, ...] | None = None,
     ):
         super().__init__()
         if likelihood not in ("discrete8bit", "gaussian"):
@@ -58,12 +59,19 @@ class NDM(nn.Module):
             raise ValueError("num_steps must be 0 (continuous time) or a positive T")
         self.schedule, self.transform, self.denoiser = schedule, transform, denoiser
         self.likelihood, self.num_steps, self.time_sampler = likelihood, num_steps, time_sampler
+        self.data_shape = data_shape  # one example's shape [C, H, W], for samplers
 
     def forward(
         self, x: Tensor, generator: torch.Generator | None = None, num_steps: int | None = None
     ) -> dict[str, Tensor]:
         """The NELBO terms (see `nelbo`); forward so that DDP-wrapped models train through it."""
         return self.nelbo(x, generator, num_steps)
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in (*self.parameters(), *self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
 
     # -- the pieces the samplers share -------------------------------------------------------
 
@@ -74,6 +82,14 @@ class NDM(nn.Module):
         """The data prediction at time t (t [B] or a scalar tensor)."""
         t = torch.as_tensor(t, dtype=torch.float64, device=z.device).expand(z.shape[0])
         return self.denoiser(z, t, self.gamma(t))
+
+    def ode_drift(self, z: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(probability-flow drift, xhat, F(xhat, t), gamma(t)) at z, times t [B]; dF/dt by forward-mode AD."""
+        t = torch.as_tensor(t, dtype=torch.float64, device=z.device).expand(z.shape[0])
+        gamma, dgamma = self.schedule.gamma_and_derivative(t)
+        xh = self.denoiser(z, t, gamma)
+        f, f_dot = self.transform.value_and_time_derivative(xh, t)
+        return P.ode_drift(f, f_dot, z, gamma, dgamma), xh, f, gamma
 
     def transform_many(self, pairs: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
         """F at several (x, t) pairs of equal batch size in one batched network call."""
@@ -177,4 +193,5 @@ def build_ndm(cfg: ModelConfig, channels: int, image_size: int) -> NDM:
     sampler = None
     if cfg.num_steps == 0 and cfg.importance_sampling:
         sampler = ImportanceSampler(cfg.is_bins, cfg.is_decay, cfg.is_uniform_mix)
-    return NDM(build_schedule(cfg.schedule), transform, denoiser, cfg.likelihood, cfg.num_steps, sampler)
+    return NDM(build_schedule(cfg.schedule), transform, denoiser, cfg.likelihood, cfg.num_steps, sampler,
+               (channels, image_size, image_size))

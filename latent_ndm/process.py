@@ -49,9 +49,23 @@ def posterior_coefficients(gamma_s: Tensor, gamma_t: Tensor) -> tuple[Tensor, Te
     return alpha_ts * ratio, v
 
 
-def posterior_mean(f_s: Tensor, f_t: Tensor, z_t: Tensor, gamma_s: Tensor, gamma_t: Tensor) -> Tensor:
-    """Mean of q(z_s | z_t, x) given F(x,s) = f_s and F(x,t) = f_t (the reverse step uses xhat)."""
-    c, _ = posterior_coefficients(gamma_s, gamma_t)
+def reverse_step_coefficients(gamma_s: Tensor, gamma_t: Tensor, eta: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(c, var) of a reverse step with variance eta^2 v: eta = 1 is the posterior, eta = 0 the
+    deterministic (DDIM-like) step with c = sigma_s/sigma_t. Marginals are kept for any eta in [0, 1]:
+    c = sqrt(sigma_s^2 - eta^2 v)/sigma_t, written as sqrt(c_1^2 + (1 - eta^2) v/sigma_t^2)."""
+    c1, v = posterior_coefficients(gamma_s, gamma_t)
+    if eta == 1.0:
+        return c1, v
+    c = torch.sqrt(c1.square() + (1 - eta**2) * v / torch.sigmoid(gamma_t))
+    return c, eta**2 * v
+
+
+def posterior_mean(
+    f_s: Tensor, f_t: Tensor, z_t: Tensor, gamma_s: Tensor, gamma_t: Tensor, eta: float = 1.0
+) -> Tensor:
+    """Mean of q(z_s | z_t, x) given F(x,s) = f_s and F(x,t) = f_t (the reverse step uses xhat);
+    eta < 1 gives the mean of the reduced-variance step of `reverse_step_coefficients`."""
+    c, _ = reverse_step_coefficients(gamma_s, gamma_t, eta)
     alpha_s, _ = alpha_sigma(gamma_s)
     alpha_t, _ = alpha_sigma(gamma_t)
     return expand(alpha_s, f_s) * f_s + expand(c, z_t) * (z_t - expand(alpha_t, f_t) * f_t)
@@ -90,6 +104,23 @@ def prior_kl(f_1: Tensor, gamma_1: Tensor) -> Tensor:
     mean_sq = sum_except_batch(f_1.square()).to(torch.float64)
     # log sigma_1^2 = -softplus(-gamma_1), stable for any gamma_1.
     return 0.5 * (d * (sigma2 + F.softplus(-gamma_1) - 1.0) + alpha2 * mean_sq)
+
+
+def ode_drift(f: Tensor, f_dot: Tensor, z: Tensor, gamma: Tensor, dgamma: Tensor) -> Tensor:
+    """Probability-flow ODE drift dz/dt = alpha' F + alpha Fdot + (sigma'/sigma)(z - alpha F), F = F(xhat, t).
+
+    With alpha^2 = sigmoid(-gamma): alpha' = -alpha sigma^2 gamma'/2 and sigma'/sigma = alpha^2 gamma'/2.
+    """
+    alpha, sigma = alpha_sigma(gamma)
+    d_alpha = -0.5 * alpha * sigma.square() * dgamma
+    sigma_rate = 0.5 * alpha.square() * dgamma
+    return expand(d_alpha, f) * f + expand(alpha, f) * f_dot + expand(sigma_rate, z) * (z - expand(alpha, f) * f)
+
+
+def score(f: Tensor, z: Tensor, gamma: Tensor) -> Tensor:
+    """Model score s = -(z - alpha F(xhat, t)) / sigma^2."""
+    alpha, _ = alpha_sigma(gamma)
+    return -(z - expand(alpha, f) * f) / expand(torch.sigmoid(gamma), z)
 
 
 def bin_centres(device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -23,7 +23,7 @@ class Schedule(nn.Module):
         raise NotImplementedError
 
     def gamma_and_derivative(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        t = t.to(torch.float64)
+        t = t.to(torch.float64).contiguous()  # an expanded t cannot carry a dual tangent
         # The tangent keeps autograd history, so a learnable schedule is trained through gamma'.
         return torch.func.jvp(self.forward, (t,), (torch.ones_like(t),))
 

@@ -28,7 +28,7 @@ class Transform(nn.Module):
 
     def value_and_time_derivative(self, x: Tensor, t: Tensor, method: str | None = None) -> tuple[Tensor, Tensor]:
         method = method or self.fdot_method
-        t = t.to(x.dtype)
+        t = t.to(x.dtype).contiguous()  # an expanded t cannot carry a dual tangent
         if method == "jvp":
             # The tangent keeps autograd history (pytorch#151782): phi is trained through dF/dt.
             return torch.func.jvp(lambda tt: self(x, tt), (t,), (torch.ones_like(t),))

@@ -9,3 +9,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def _run_from_repo_root(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests name configs/... relative to the repository root, wherever pytest was started."""
     monkeypatch.chdir(ROOT)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """accelerate keeps process-wide singleton state (e.g. mixed precision); each test trains as a new
+    process would, as accelerate's own test suite does between tests."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

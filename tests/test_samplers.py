@@ -1,0 +1,179 @@
+"""Samplers and the ODE likelihood: a shared contract, ODE solvers, and a Gaussian oracle with known answers."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from latent_ndm import ode
+from latent_ndm import process as P
+from latent_ndm.likelihood import ode_nll
+from latent_ndm.ndm import NDM, Denoiser
+from latent_ndm.samplers import SAMPLERS, ancestral
+from latent_ndm.schedules import LinearGamma
+from latent_ndm.transforms import IdentityTransform, NeuralTransform
+from latent_ndm.unet import UNet
+
+
+def perturbed(module: nn.Module, seed: int, scale: float = 0.05) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return module
+
+
+def tiny_ndm(num_steps: int = 0) -> NDM:
+    torch.manual_seed(0)
+    unet = lambda: UNet(1, 1, 8, channels=8, channel_mult=(1, 2), num_res_blocks=1, groups=4)  # noqa: E731
+    return NDM(LinearGamma(-13.3, 5.0), NeuralTransform(perturbed(unet(), 1)), Denoiser(perturbed(unet(), 2)),
+               "discrete8bit", num_steps, data_shape=(1, 8, 8)).eval()
+
+
+# -- one contract for every sampler -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_sampler_contract(name: str) -> None:
+    ndm, fn = tiny_ndm(), SAMPLERS[name]
+    if name == "ode_rk45":  # the randomly perturbed network's flow is stiff: keep the contract test quick
+        fn = functools.partial(fn, rtol=1e-2, atol=1e-2)
+    seen = []
+    a = fn(ndm, (3, 1, 8, 8), torch.Generator().manual_seed(5), 4, lambda k, n, z, xh: seen.append(k))
+    b = fn(ndm, (3, 1, 8, 8), torch.Generator().manual_seed(5), 4)
+    c = fn(ndm, (3, 1, 8, 8), torch.Generator().manual_seed(6), 4)
+    assert a.x.shape == (3, 1, 8, 8) and a.x.dtype == torch.float32
+    assert torch.isfinite(a.x).all() and torch.equal(a.x, b.x) and not torch.equal(a.z_0, c.z_0)
+    # Outputs lie on the 8-bit bin centres, the support of p(x | z_0).
+    torch.testing.assert_close(P.bin_centres()[P.to_bin_index(a.x)], a.x)
+    assert a.nfe_xhat > 0 and a.nfe_f == a.nfe_xhat and seen and seen[0] == 1
+    if name in ("ancestral", "deterministic", "sde"):
+        assert a.nfe_xhat == 4 and seen == [1, 2, 3, 4]
+    if name == "ode_heun":
+        assert a.nfe_xhat == 8
+
+
+def test_identity_transform_counts_no_f_evaluations() -> None:
+    ndm = tiny_ndm()
+    ndm.transform = IdentityTransform()
+    assert ancestral(ndm, (2, 1, 8, 8), torch.Generator().manual_seed(0), 3).nfe_f == 0
+
+
+def test_discrete_model_follows_its_ancestral_chain_exactly() -> None:
+    T = 5
+    ndm = tiny_ndm(T)
+    out = ancestral(ndm, (2, 1, 8, 8), torch.Generator().manual_seed(9))
+    # The chain written out from SPEC's posterior, with the same random draws.
+    g = torch.Generator().manual_seed(9)
+    z = torch.randn(2, 1, 8, 8, generator=g)
+    for i in range(T, 0, -1):
+        t, s = torch.full((2,), i / T, dtype=torch.float64), torch.full((2,), (i - 1) / T, dtype=torch.float64)
+        a2_t, a2_s = torch.sigmoid(-ndm.gamma(t)), torch.sigmoid(-ndm.gamma(s))
+        s2_t, s2_s = 1 - a2_t, 1 - a2_s
+        v = (s2_t - a2_t / a2_s * s2_s) * s2_s / s2_t
+        c = torch.sqrt(s2_s - v) / s2_t.sqrt()
+        xh = ndm.xhat(z, t)
+        f_s, f_t = ndm.transform(xh, s), ndm.transform(xh, t)
+        view = lambda q: q.float().view(-1, 1, 1, 1)  # noqa: E731
+        z = view(a2_s.sqrt()) * f_s + view(c) * (z - view(a2_t.sqrt()) * f_t) + view(v.sqrt()) * torch.randn(
+            z.shape, generator=g)
+    torch.testing.assert_close(out.z_0, z, rtol=1e-5, atol=1e-6)
+    assert out.nfe_xhat == T
+
+
+def test_strided_grid_of_a_discrete_model() -> None:
+    from latent_ndm.samplers import time_grid
+
+    ndm = tiny_ndm(1000)
+    grid = time_grid(ndm, 10, torch.device("cpu"))
+    torch.testing.assert_close(grid, torch.arange(10, -1, -1, dtype=torch.float64) / 10)
+    with pytest.raises(ValueError, match="at most 1000 steps"):
+        time_grid(ndm, 2000, torch.device("cpu"))
+
+
+# -- ODE solvers --------------------------------------------------------------------------------
+
+
+def test_heun_and_rk45_agree_with_the_exact_solution() -> None:
+    f = lambda t, z: -t * z  # noqa: E731  z(t) = z(0) exp(-t^2 / 2)
+    z0 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    exact = z0 * math.exp(-2.0)
+    rk = ode.rk45(f, z0, 0.0, 2.0, rtol=1e-8, atol=1e-10)
+    hn = ode.heun(f, z0, torch.linspace(0, 2, 201, dtype=torch.float64))
+    assert (rk.z - exact).abs().max() < 1e-7 * 2  # meets its tolerance (global error ~ a few rtol)
+    assert (hn.z - exact).abs().max() < 1e-4  # second order at h = 0.01
+    assert (hn.z - rk.z).abs().max() < 1e-4
+    assert hn.nfe == 400 and rk.nfe == 1 + 6 * (rk.steps + rk.rejected)
+    back = ode.rk45(f, rk.z, 2.0, 0.0, rtol=1e-8, atol=1e-10)  # integrating back recovers the start
+    assert (back.z - z0).abs().max() < 1e-6
+    loose = ode.rk45(f, z0, 0.0, 2.0, rtol=1e-3, atol=1e-3)
+    assert loose.steps < rk.steps and (loose.z - exact).abs().max() < 1e-2
+
+
+# -- Gaussian data with the optimal denoiser ----------------------------------------------------
+
+MEAN = torch.tensor([0.5, -0.3, 0.0, 0.2])
+STD = torch.tensor([0.3, 0.5, 0.2, 0.4])
+
+
+class GaussianOracle(nn.Module):
+    """E[x | z_t] for x ~ N(m, s^2) per dimension: m + alpha s^2 / (alpha^2 s^2 + sigma^2) (z - alpha m)."""
+
+    def __init__(self, schedule: LinearGamma):
+        super().__init__()
+        self.schedule = schedule
+
+    def forward(self, z: Tensor, t: Tensor) -> Tensor:
+        g = self.schedule(t).view(-1, 1)
+        a2, s2 = torch.sigmoid(-g), torch.sigmoid(g)
+        m, v = MEAN.double(), STD.double() ** 2
+        return (m + a2.sqrt() * v / (a2 * v + s2) * (z.double() - a2.sqrt() * m)).to(z.dtype)
+
+
+GAMMA_MIN, GAMMA_MAX = -13.3, 8.0  # alpha_1 = 0.018: the N(0, I) prior nearly matches q(z_1)
+
+
+def gaussian_ndm() -> NDM:
+    sched = LinearGamma(GAMMA_MIN, GAMMA_MAX)
+    return NDM(sched, IdentityTransform(), Denoiser(GaussianOracle(sched), "x"), "gaussian", 0, data_shape=(4,))
+
+
+@pytest.mark.parametrize("probe_kind", ["rademacher", "gaussian"])
+def test_ode_nll_equals_the_analytic_gaussian_density(probe_kind: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = MEAN + STD * torch.randn(32, 4, generator=g)
+    nll, info = ode_nll(gaussian_ndm(), x, g, probes=4, probe_kind=probe_kind, rtol=1e-6, atol=1e-6)
+    # With the optimal xhat the flow is affine per dimension: it maps q(z_0) = N(alpha_0 m, r_0^2) onto
+    # q(z_1) = N(alpha_1 m, r_1^2), r_t^2 = alpha_t^2 s^2 + sigma_t^2. The model density of x starts from
+    # the N(0, I) prior at t = 1: log p(x) = log N(z_1; 0, 1) + log(r_1 / r_0) + log alpha_0, z_0 = alpha_0 x.
+    m, s, xd = MEAN.double(), STD.double(), x.double()
+    a2 = lambda g: torch.sigmoid(-torch.tensor(g, dtype=torch.float64))  # noqa: E731
+    r0, r1 = (torch.sqrt(a2(g) * s**2 + 1 - a2(g)) for g in (GAMMA_MIN, GAMMA_MAX))
+    a0, a1 = a2(GAMMA_MIN).sqrt(), a2(GAMMA_MAX).sqrt()
+    z1 = a1 * m + r1 / r0 * (a0 * xd - a0 * m)
+    log_p = torch.distributions.Normal(0.0, 1.0).log_prob(z1) + torch.log(r1 / r0) + torch.log(a0)
+    exact = -log_p.sum(1)
+    data_nll = -torch.distributions.Normal(m, s).log_prob(xd).sum(1)
+    assert (exact - data_nll).abs().max() < 0.05  # and the model is close to the data density
+    err = (nll - exact).abs()
+    if probe_kind == "rademacher":
+        # The oracle's Jacobian is diagonal, where Rademacher probes are exact: only solver error remains.
+        assert err.max() < 2e-3, err.max()
+    else:
+        # Gaussian probes: per-example error ~ sqrt(2/K) * |div|-scale; the batch mean is unbiased.
+        assert abs((nll - exact).mean()) < 4 * (nll - exact).std() / math.sqrt(len(x)) + 1e-3
+    assert info["nfe"] > 0
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_sampler_matches_gaussian_moments(name: str) -> None:
+    steps = 20 if name == "ode_rk45" else 200
+    res = SAMPLERS[name](gaussian_ndm(), (4000, 4), torch.Generator().manual_seed(1), steps)
+    mean, std = res.x.mean(0), res.x.std(0)
+    se = STD / math.sqrt(4000)
+    assert ((mean - MEAN).abs() < 4 * se + 0.01).all(), (mean, MEAN)
+    assert ((std / STD - 1).abs() < 0.06).all(), (std, STD)

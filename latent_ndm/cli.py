@@ -8,10 +8,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import ConfigError, load_config
-from .experiment import load_run, pixel_task
+from .evaluate import evaluate_nelbo
+from .experiment import pixel_task
+from .images import save_grid
+from .likelihood import evaluate_ode_nll
+from .samplers import SAMPLERS, get_sampler
 from .train import train
 
 
@@ -41,29 +46,44 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_evaluate(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="evaluate.sh", description="Test-set NELBO in bits/dim, per term, as JSON.")
-    p.add_argument("run_dir", help="a run directory written by train_ndm.sh")
-    p.add_argument("--steps", type=_parse_steps, default=None,
-                   help="comma-separated T values and/or 'continuous' (default: the model's own)")
-    p.add_argument("--repeats", type=int, default=None, help="draws of (t, eps) per test image")
-    p.add_argument("--num-images", type=int, default=None, help="first N test images (default: all)")
+    p = argparse.ArgumentParser(prog="evaluate.sh", description="Test-set NELBO and ODE NLL in bits/dim, as JSON.")
+    p.add_argument("path", help="a run directory (train_ndm.sh) or a saved model directory")
+    p.add_argument("--metrics", default="nelbo", help="comma-separated: nelbo, ode_nll (default: nelbo)")
+    p.add_argument("--steps", type=_parse_steps, default=_parse_steps("10,100,1000,continuous"),
+                   help="NELBO at these T values and/or 'continuous' (default: 10,100,1000,continuous)")
+    p.add_argument("--repeats", type=int, default=None, help="draws of (t, eps) per test image for the NELBO")
+    p.add_argument("--num-images", type=int, default=None, help="first N test images for the NELBO (default: all)")
+    p.add_argument("--ode-images", type=int, default=100, help="first N test images for the ODE NLL (slow)")
+    p.add_argument("--probes", type=int, default=1, help="Hutchinson probes per image for the ODE NLL")
+    p.add_argument("--rtol", type=float, default=1e-5, help="RK45 relative tolerance for the ODE NLL")
+    p.add_argument("--atol", type=float, default=1e-5, help="RK45 absolute tolerance for the ODE NLL")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
-    from .codec import PixelCodec
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = set(metrics) - {"nelbo", "ode_nll"}
+    if unknown:
+        raise ValueError(f"unknown metric(s) {sorted(unknown)}; choose from nelbo, ode_nll")
     from .data import load_split
-    from .evaluate import evaluate_nelbo
+    from .pipeline import NDMPipeline
 
-    cfg, model = load_run(args.run_dir, ema=not args.no_ema)
-    images = torch.from_numpy(load_split(cfg.data, "test").images)[: args.num_images]
-    steps = args.steps or [model.num_steps if cfg.eval.num_steps is None else cfg.eval.num_steps]
+    pipe = NDMPipeline.from_pretrained(args.path, ema=not args.no_ema)
+    cfg = pipe.config
+    images = torch.from_numpy(load_split(cfg.data, "test").images)
     repeats = args.repeats or cfg.eval.repeats
-    report = {"run": str(args.run_dir), "num_images": len(images), "repeats": repeats, "nelbo": {}}
-    for T in steps:
-        t0 = time.perf_counter()
-        res = evaluate_nelbo(model, images, PixelCodec(), T, cfg.eval.batch_size, repeats, cfg.eval.seed, progress=True)
-        res["seconds"] = round(time.perf_counter() - t0, 2)
-        report["nelbo"]["continuous" if T == 0 else f"T={T}"] = res
+    report: dict = {"path": str(args.path), "test_images": len(images)}
+    if "nelbo" in metrics:
+        subset = images[: args.num_images]
+        report["nelbo"] = {"num_images": len(subset), "repeats": repeats}
+        for T in args.steps:
+            t0 = time.perf_counter()
+            res = evaluate_nelbo(pipe.model, subset, pipe.codec, T, cfg.eval.batch_size, repeats, cfg.eval.seed,
+                                 progress=True)
+            res["seconds"] = round(time.perf_counter() - t0, 2)
+            report["nelbo"]["continuous" if T == 0 else f"T={T}"] = res
+    if "ode_nll" in metrics:
+        report["ode_nll"] = evaluate_ode_nll(pipe.model, images[: args.ode_images], pipe.codec, probes=args.probes,
+                                             seed=cfg.eval.seed, rtol=args.rtol, atol=args.atol, progress=True)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
@@ -72,7 +92,63 @@ def cmd_evaluate(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate}
+def cmd_sample(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="sample.sh", description="Samples from a trained model as a PNG grid and .npz.")
+    p.add_argument("path", help="a run directory (train_ndm.sh) or a saved model directory")
+    p.add_argument("--num", "-n", type=int, default=64, help="number of samples")
+    p.add_argument("--sampler", default="ancestral", help=f"one of {', '.join(SAMPLERS)}")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: T, or 100 in continuous time)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: PATH/samples)")
+    args = p.parse_args(argv)
+    from .pipeline import NDMPipeline
+
+    get_sampler(args.sampler)  # a clear error for a wrong name before loading anything
+    pipe = NDMPipeline.from_pretrained(args.path, ema=not args.no_ema)
+    out = args.out or Path(args.path) / "samples"
+    t0 = time.perf_counter()
+    images = pipe.sample(args.num, args.sampler, args.steps, torch.Generator().manual_seed(args.seed), args.batch_size)
+    seconds = time.perf_counter() - t0
+    stem = f"{args.sampler}_steps{args.steps or 'default'}_seed{args.seed}"
+    save_grid(images, out / f"{stem}.png")
+    np.savez_compressed(out / f"{stem}.npz", images=images.numpy(), sampler=args.sampler, seed=args.seed,
+                        steps=args.steps or 0, **pipe.last_nfe)
+    print(json.dumps({"png": str(out / f"{stem}.png"), "npz": str(out / f"{stem}.npz"), "seconds": round(seconds, 2),
+                      "seconds_per_image": seconds / args.num, **pipe.last_nfe}, indent=2))
+    return 0
+
+
+def cmd_pictures(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="visualize.sh",
+                                description="F(x, t) of test images at t = 0..1, and denoising trajectories.")
+    p.add_argument("path", help="a run directory (train_ndm.sh) or a saved model directory")
+    p.add_argument("--num", "-n", type=int, default=8, help="test images / samples (rows)")
+    p.add_argument("--steps", type=int, default=100, help="sampling steps of the trajectories")
+    p.add_argument("--sampler", default="ancestral")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: PATH/pictures)")
+    args = p.parse_args(argv)
+    from .data import load_split
+    from .pictures import TIMES, trajectory_rows, transform_rows
+    from .pipeline import NDMPipeline
+
+    pipe = NDMPipeline.from_pretrained(args.path)
+    out = args.out or Path(args.path) / "pictures"
+    test = load_split(pipe.config.data, "test")
+    # One test image from each of the first classes, so rows differ.
+    pick = [int(np.flatnonzero(test.labels == c)[0]) for c in np.unique(test.labels)][: args.num]
+    rows = transform_rows(pipe.model, torch.from_numpy(test.images[pick]))
+    save_grid(rows, out / "transform.png", nrow=len(TIMES))
+    traj = trajectory_rows(pipe.model, args.num, args.steps, 8, args.sampler, torch.Generator().manual_seed(args.seed))
+    save_grid(traj, out / "trajectories.png", nrow=8)
+    print(json.dumps({"transform": str(out / "transform.png"), "times": TIMES,
+                      "trajectories": str(out / "trajectories.png")}, indent=2))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample, "pictures": cmd_pictures}
 
 
 def main(argv: list[str] | None = None) -> int:

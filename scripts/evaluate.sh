@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
 # Test-set NELBO in bits/dim (per term and total) of a trained run, as JSON:
-#   scripts/evaluate.sh runs/ndm_mnist [--steps 10,1000,continuous] [--out report.json]
+#   scripts/evaluate.sh runs/ndm_mnist [--metrics nelbo,ode_nll] [--steps 10,100,1000,continuous] [--out F.json]
 source "$(dirname "$0")/_env.sh"
 exec python -m latent_ndm.cli evaluate "$@"

@@ -11,7 +11,7 @@ start=$(date +%s)
 python -m latent_ndm.cli train configs/ndm_mnist.yaml name=ndm "${common[@]}"
 python -m latent_ndm.cli train configs/ddpm_mnist.yaml name=ddpm "${common[@]}"
 for run in ndm ddpm; do
-  python -m latent_ndm.cli evaluate "$OUT/$run" --steps continuous,10 --out "$OUT/bpd_$run.json" >/dev/null
+  python -m latent_ndm.cli evaluate "$OUT/$run" --steps 10,100,1000,continuous --out "$OUT/bpd_$run.json" >/dev/null
   cp "$(ls "$OUT/$run"/samples/*.png | tail -1)" "$OUT/samples_$run.png"
 done
 python - "$OUT" "$(( $(date +%s) - start ))" <<'PY'
@@ -21,7 +21,7 @@ report = {run: json.load(open(f"{out}/bpd_{run}.json"))["nelbo"] for run in ("nd
 report["wall_seconds"] = seconds
 json.dump(report, open(f"{out}/bpd.json", "w"), indent=2)
 print(f"\ntest NELBO, bits/dim (MNIST subset, 500 test images), after the same number of steps:")
-for key in ("continuous", "T=10"):
+for key in ("continuous", "T=1000", "T=100", "T=10"):
     print(f"  {key:>10}:  NDM {report['ndm'][key]['bpd']:.3f}   baseline {report['ddpm'][key]['bpd']:.3f}")
 print(f"samples: {out}/samples_ndm.png, {out}/samples_ddpm.png   report: {out}/bpd.json   ({seconds} s)")
 PY

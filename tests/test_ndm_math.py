@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import perturbed
 from torch import Tensor, nn
 from torch.distributions import Normal, kl_divergence
 
@@ -200,14 +201,6 @@ def test_continuous_loss_sign_matters() -> None:
 
 
 # -- forward-mode dF/dt and gradients -----------------------------------------------------------
-
-
-def perturbed(module: nn.Module, seed: int, scale: float = 0.05) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return module
 
 
 def test_unet_transform_time_derivative_matches_central_differences() -> None:

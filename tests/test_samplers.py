@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import perturbed
 from torch import Tensor, nn
 
 from latent_ndm import ode
@@ -17,14 +18,6 @@ from latent_ndm.samplers import SAMPLERS, ancestral
 from latent_ndm.schedules import LinearGamma
 from latent_ndm.transforms import IdentityTransform, NeuralTransform
 from latent_ndm.unet import UNet
-
-
-def perturbed(module: nn.Module, seed: int, scale: float = 0.05) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return module
 
 
 def tiny_ndm(num_steps: int = 0, size: int = 8, scale: float = 0.05) -> NDM:

@@ -1,0 +1,94 @@
+"""Shards: exact round trips with a correct manifest, skipped-and-counted corruption, fatal shape errors."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from latent_ndm.data import load_mnist5k
+from latent_ndm.shards import ReadStats, ShardFormatError, load_manifest, make_shards, read_split
+from latent_ndm.sources import load_folder, load_npz
+
+
+def test_mnist5k_round_trips_exactly(tmp_path: Path) -> None:
+    manifest = make_shards("mnist5k", tmp_path, maxcount=1000)
+    train = manifest["splits"]["train"]
+    assert train["count"] == 4500 and train["shape"] == [1, 28, 28] and train["dtype"] == "uint8"
+    assert len(train["shards"]) == 5 and manifest["splits"]["test"]["count"] == 500
+    assert load_manifest(tmp_path)["source"] == "mnist5k"
+    for split in ("train", "test"):
+        back, want = read_split(tmp_path, split), load_mnist5k(split)
+        assert np.array_equal(back.images, want.images) and np.array_equal(back.labels, want.labels)
+
+
+@pytest.mark.parametrize(("source", "shape"), [("digits", [1, 8, 8]), ("photo-patches", [3, 32, 32])])
+def test_built_in_sources(tmp_path: Path, source: str, shape: list[int]) -> None:
+    manifest = make_shards(source, tmp_path)
+    for split in ("train", "test"):
+        entry = manifest["splits"][split]
+        assert entry["shape"] == shape and entry["count"] == len(read_split(tmp_path, split))
+    if source == "digits":
+        assert read_split(tmp_path, "train").images.max() == 255
+
+
+def test_folder_and_npz_sources(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (6, 12, 10, 3), dtype=np.uint8)
+    for i, im in enumerate(imgs):
+        d = tmp_path / "folder" / ("cats" if i < 3 else "dogs")
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(d / f"{i}.png")
+    data = load_folder(tmp_path / "folder")
+    assert data.images.shape == (6, 3, 12, 10) and list(data.labels) == [0, 0, 0, 1, 1, 1]
+    assert np.array_equal(data.images, imgs.transpose(0, 3, 1, 2))
+    np.savez(tmp_path / "a.npz", images=imgs[..., 0])
+    assert load_npz(tmp_path / "a.npz").images.shape == (6, 1, 12, 10)
+    with pytest.raises(FileNotFoundError, match="no images"):
+        (tmp_path / "empty").mkdir()
+        load_folder(tmp_path / "empty")
+    np.savez(tmp_path / "f.npz", images=imgs.astype(np.float32))
+    with pytest.raises(TypeError, match="must be uint8"):
+        load_npz(tmp_path / "f.npz")
+
+
+def test_corrupt_data_is_skipped_and_counted_or_fatal(tmp_path: Path) -> None:
+    make_shards("digits", tmp_path, maxcount=100)
+    good = len(read_split(tmp_path, "test"))
+    shard = tmp_path / "test-000001.tar"
+    # Replace one PNG by garbage bytes, and truncate another shard half-way.
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    first_png = next(m.name for m, _ in members if m.name.endswith(".png"))
+    with tarfile.open(shard, "w") as tar:
+        for m, payload in members:
+            if m.name == first_png:
+                payload = b"not a png"
+            m.size = len(payload)
+            tar.addfile(m, io.BytesIO(payload))
+    last = tmp_path / "test-000003.tar"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    stats = ReadStats()
+    with pytest.warns(UserWarning, match="skipping unreadable data"):
+        partial = read_split(tmp_path, "test", stats=stats)
+    assert stats.skipped >= 2 and len(partial) < good - 1
+    with pytest.raises(Exception):  # noqa: B017 - the switch makes any damage fatal
+        read_split(tmp_path, "test", strict=True)
+
+
+def test_wrong_shape_stops_at_once_naming_shard_and_key(tmp_path: Path) -> None:
+    make_shards("digits", tmp_path, maxcount=1000)
+    manifest_path = tmp_path / "manifest.json"
+    manifest_path.write_text(manifest_path.read_text().replace('"channels": 1', '"channels": 3')
+                             .replace("[\n        1,\n        8,\n        8\n      ]", "[3, 8, 8]"))
+    with pytest.raises(ShardFormatError, match=r"test-000000\.tar, key test_00000000: image is \[1, 8, 8\]"):
+        read_split(tmp_path, "test")
+
+
+def test_missing_torchvision_data_names_what_to_provide(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+        make_shards("cifar10", tmp_path / "out", root=str(tmp_path / "nothing"))

@@ -146,11 +146,13 @@ def cmd_pictures(argv: list[str]) -> int:
     test = load_split(pipe.config.data, "test")
     # One test image from each of the first classes, so rows differ.
     pick = [int(np.flatnonzero(test.labels == c)[0]) for c in np.unique(test.labels)][: args.num]
-    rows = transform_rows(pipe.model, torch.from_numpy(test.images[pick]))
+    rows, diff, scale = transform_rows(pipe.model, torch.from_numpy(test.images[pick]))
     save_grid(rows, out / "transform.png", nrow=len(TIMES))
+    save_grid(diff, out / "transform_diff.png", nrow=len(TIMES))
     traj = trajectory_rows(pipe.model, args.num, args.steps, 8, args.sampler, torch.Generator().manual_seed(args.seed))
     save_grid(traj, out / "trajectories.png", nrow=8)
     print(json.dumps({"transform": str(out / "transform.png"), "times": TIMES,
+                      "transform_diff": str(out / "transform_diff.png"), "diff_scale_max_abs": scale,
                       "trajectories": str(out / "trajectories.png")}, indent=2))
     return 0
 

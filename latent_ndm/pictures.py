@@ -13,18 +13,22 @@ TIMES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 @torch.no_grad()
-def transform_rows(ndm: NDM, images: Tensor, times: tuple[float, ...] = TIMES) -> Tensor:
-    """uint8 [N * len(times), C, H, W]: for each image (a row), F(x, t) at each t (columns), clipped to [-1, 1].
+def transform_rows(ndm: NDM, images: Tensor, times: tuple[float, ...] = TIMES) -> tuple[Tensor, Tensor, float]:
+    """For each image (a row), F(x, t) at each t (columns): (F clipped to [-1, 1], (F - x) / scale with
+    mid-grey = 0, scale = max |F - x|), both uint8 [N * len(times), C, H, W].
 
     NDM's central picture: F(x, 0) = x, and what the learned transformation makes of x on the way to
-    t = 1 is what the diffusion then adds noise to. For F = identity every row repeats x.
+    t = 1 is what the diffusion then adds noise to. For F = identity every row repeats x (and the
+    difference picture is uniformly grey).
     """
     codec = PixelCodec()
     x = codec.encode(images.to(ndm.device))
     cols = [ndm.transform_many([(x, torch.full((len(x),), t, dtype=torch.float64, device=x.device))])[0]
             for t in times]
     grid = torch.stack(cols, dim=1)  # [N, T, C, H, W]
-    return codec.decode(grid.flatten(0, 1).clamp(-1, 1))
+    diff = grid - x[:, None]
+    scale = float(diff.abs().max().clamp_min(1e-12))
+    return codec.decode(grid.flatten(0, 1).clamp(-1, 1)), codec.decode((diff / scale).flatten(0, 1)), scale
 
 
 @torch.no_grad()

@@ -64,6 +64,7 @@ def test_cli_sample_evaluate_and_pictures(run_dir: Path, tmp_path: Path, capsys:
     assert report["ode_nll"]["bpd"] > 0 and report["ode_nll"]["nfe_mean"] > 0
 
     assert main(["pictures", str(run_dir), "--num", "3", "--steps", "7", "--out", str(tmp_path / "pics")]) == 0
-    assert (tmp_path / "pics" / "transform.png").is_file() and (tmp_path / "pics" / "trajectories.png").is_file()
+    for name in ("transform.png", "transform_diff.png", "trajectories.png"):
+        assert (tmp_path / "pics" / name).is_file()
     assert main(["sample", str(run_dir), "--sampler", "euler"]) == 1  # a clear error, non-zero exit
     assert "unknown sampler 'euler'" in capsys.readouterr().err

@@ -198,3 +198,17 @@ def test_ode_nll_runs_end_to_end_with_a_neural_transform() -> None:
     x = P.bin_centres()[torch.randint(0, 256, (2, 1, 4, 4), generator=torch.Generator().manual_seed(0))]
     nll, info = ode_nll(ndm, x, torch.Generator().manual_seed(1), probes=1, rtol=1e-2, atol=1e-2)
     assert torch.isfinite(nll).all() and info["nfe"] > 0
+
+
+def test_transform_picture_is_x_at_t0_and_repeats_x_for_the_identity() -> None:
+    from latent_ndm.pictures import TIMES, transform_rows
+
+    images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ndm = tiny_ndm()
+    rows, diff, scale = transform_rows(ndm, images)
+    rows = rows.view(3, len(TIMES), 1, 8, 8)
+    assert torch.equal(rows[:, 0], images) and scale > 0  # F(x, 0) = x; the perturbed F moves later columns
+    ndm.transform = IdentityTransform()
+    rows, _, scale = transform_rows(ndm, images)
+    assert torch.equal(rows.view(3, len(TIMES), 1, 8, 8), images[:, None].expand(3, len(TIMES), 1, 8, 8))
+    assert scale == 1e-12  # no difference at all

@@ -211,4 +211,4 @@ def test_transform_picture_is_x_at_t0_and_repeats_x_for_the_identity() -> None:
     ndm.transform = IdentityTransform()
     rows, _, scale = transform_rows(ndm, images)
     assert torch.equal(rows.view(3, len(TIMES), 1, 8, 8), images[:, None].expand(3, len(TIMES), 1, 8, 8))
-    assert scale == 1e-12  # no difference at all
+    assert scale < 1e-11  # no difference at all (the floor of the scale)

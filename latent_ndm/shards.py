@@ -54,9 +54,12 @@ def write_shards(data: ImageData, out_dir: str | Path, split: str, maxcount: int
         for i in tqdm(range(len(data)), desc=f"{split} shards", disable=not progress, leave=False):
             sink.write({"__key__": f"{split}_{i:08d}", "png": encode_png(data.images[i]), "cls": int(data.labels[i])})
     shards = sorted(p.name for p in out_dir.glob(f"{split}-*.tar"))
+    # ShardWriter fills each shard to maxcount before starting the next; the counts let a reader place
+    # any global sample index (e.g. to resume mid-stream) without opening a shard.
+    counts = [min(maxcount, len(data) - k * maxcount) for k in range(len(shards))]
     c, h, w = data.images.shape[1:]
-    return {"count": len(data), "shards": shards, "shape": [int(c), int(h), int(w)], "dtype": "uint8",
-            "channels": int(c), "split": split}
+    return {"count": len(data), "shards": shards, "shard_counts": counts, "shape": [int(c), int(h), int(w)],
+            "dtype": "uint8", "channels": int(c), "split": split}
 
 
 def load_manifest(root: str | Path) -> dict:

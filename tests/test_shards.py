@@ -20,6 +20,7 @@ def test_mnist5k_round_trips_exactly(tmp_path: Path) -> None:
     train = manifest["splits"]["train"]
     assert train["count"] == 4500 and train["shape"] == [1, 28, 28] and train["dtype"] == "uint8"
     assert len(train["shards"]) == 5 and manifest["splits"]["test"]["count"] == 500
+    assert train["shard_counts"] == [1000, 1000, 1000, 1000, 500]
     assert load_manifest(tmp_path)["source"] == "mnist5k"
     for split in ("train", "test"):
         back, want = read_split(tmp_path, split), load_mnist5k(split)
@@ -32,6 +33,7 @@ def test_built_in_sources(tmp_path: Path, source: str, shape: list[int]) -> None
     for split in ("train", "test"):
         entry = manifest["splits"][split]
         assert entry["shape"] == shape and entry["count"] == len(read_split(tmp_path, split))
+        assert sum(entry["shard_counts"]) == entry["count"]
     if source == "digits":
         assert read_split(tmp_path, "train").images.max() == 255
 

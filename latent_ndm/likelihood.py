@@ -65,6 +65,7 @@ def ode_nll(
     and bits/dim on the 0..255 scale are nats/(D ln 2) + 7 (see `nll_bits_per_dim`).
     z_0 = alpha_0 x (its sigma_0 noise, ~1e-3 here, is neglected as in VDM and score-SDE likelihoods).
     """
+    was_training = ndm.training
     ndm.eval()
     dequantize = ndm.likelihood == "discrete8bit" if dequantize is None else dequantize
     b, device = x.shape[0], x.device
@@ -92,6 +93,7 @@ def ode_nll(
     log_p1 = -0.5 * (z1.square().sum(1) + dims * math.log(2 * math.pi))
     # log p(x) = log p_0(alpha_0 x) + D log alpha_0 (change of variables z_0 = alpha_0 x).
     log_px = log_p1 + div_integral + dims * torch.log(alpha_0)
+    ndm.train(was_training)
     return -log_px, {"nfe": counter["nfe"], "steps": res.steps}
 
 

@@ -83,13 +83,14 @@ class NDM(nn.Module):
         t = torch.as_tensor(t, dtype=torch.float64, device=z.device).expand(z.shape[0])
         return self.denoiser(z, t, self.gamma(t))
 
-    def ode_drift(self, z: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(probability-flow drift, xhat, F(xhat, t), gamma(t)) at z, times t [B]; dF/dt by forward-mode AD."""
+    def ode_drift(self, z: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(probability-flow drift, xhat, F(xhat, t), gamma(t), gamma'(t)) at z, times t [B];
+        dF/dt by forward-mode AD."""
         t = torch.as_tensor(t, dtype=torch.float64, device=z.device).expand(z.shape[0])
         gamma, dgamma = self.schedule.gamma_and_derivative(t)
         xh = self.denoiser(z, t, gamma)
         f, f_dot = self.transform.value_and_time_derivative(xh, t)
-        return P.ode_drift(f, f_dot, z, gamma, dgamma), xh, f, gamma
+        return P.ode_drift(f, f_dot, z, gamma, dgamma), xh, f, gamma, dgamma
 
     def transform_many(self, pairs: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
         """F at several (x, t) pairs of equal batch size in one batched network call."""

@@ -109,9 +109,8 @@ def sde(ndm: NDM, shape, generator=None, steps=None, callback=None) -> SampleRes
     for k in range(steps):
         t = ts[k].expand(shape[0])
         h = float(ts[k] - ts[k + 1])
-        drift, xh, f, gamma = ndm.ode_drift(z, t)
+        drift, xh, f, gamma, dgamma = ndm.ode_drift(z, t)
         n.count(xhat=1, f=1)
-        _, dgamma = ndm.schedule.gamma_and_derivative(t)
         g2 = torch.sigmoid(gamma) * dgamma
         drift = drift - P.expand(0.5 * g2, z) * P.score(f, z, gamma)
         noise = torch.randn(shape, generator=generator, device=device)
@@ -124,7 +123,7 @@ def sde(ndm: NDM, shape, generator=None, steps=None, callback=None) -> SampleRes
 def _ode_drift_fn(ndm: NDM, n: _Counter, batch: int) -> ode.Drift:
     def drift(t: float, z: Tensor) -> Tensor:
         n.count(xhat=1, f=1)
-        drift, xh, _, _ = ndm.ode_drift(z, torch.full((batch,), t, dtype=torch.float64, device=z.device))
+        drift, xh, *_ = ndm.ode_drift(z, torch.full((batch,), t, dtype=torch.float64, device=z.device))
         n.last_xhat = xh
         return drift
 

@@ -118,6 +118,9 @@ def load_torchvision(name: str, root: str | Path, split: str, download: bool = F
                 "mnist": "MNIST/raw/ (train-images-idx3-ubyte etc.)"}[name]
     try:
         ds = cls(str(root), train=split == "train", download=download)
+    except OSError as e:  # download=True without internet (URLError is an OSError)
+        raise FileNotFoundError(f"downloading torchvision {name} into {root} failed ({e}); put {expected} there "
+                                "by hand instead") from e
     except RuntimeError as e:
         raise FileNotFoundError(
             f"torchvision {name} not found under {root}: put {expected} there, or pass --download on a machine "

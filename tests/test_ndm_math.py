@@ -193,7 +193,8 @@ def test_discrete_loss_converges_to_continuous() -> None:
 
 
 def test_continuous_loss_sign_matters() -> None:
-    """The minus sign in (d - d_dot/gamma'): the plus-sign variant disagrees with the discrete limit."""
+    """The minus sign in (d - d_dot/gamma'), against a value worked by hand (a plus sign gives 1.25^2 per dim);
+    the discrete-limit test above pins the sign on a non-linear F as well."""
     d, d_dot = torch.ones(1, 3), torch.full((1, 3), 0.5)
     g, dg = torch.tensor([0.0]), torch.tensor([2.0])
     minus = P.diffusion_loss_continuous(d, d_dot, g, dg)

@@ -16,6 +16,7 @@ import torch
 
 from .config import load_config
 from .experiment import pixel_task
+from .noise import Noise
 
 VARIANTS = {
     "baseline (F = identity, continuous)": ["model.transform=identity", "model.num_steps=0"],
@@ -35,9 +36,9 @@ def speed(config: str, batch_size: int, steps: int, rounds: int) -> dict[str, di
 
     def step(name: str) -> float:
         task, model, opt, stream, gen = states[name]
-        batch = next(stream)
+        images = next(stream).images
         t0 = time.perf_counter()
-        nats, _ = task.objective(model, batch, gen)
+        nats, _ = task.objective(model, images, Noise.from_generator(gen, len(images)))
         (nats.mean() * task.objective.loss_scale).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

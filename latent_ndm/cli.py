@@ -42,6 +42,9 @@ def cmd_train(argv: list[str]) -> int:
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     run_dir = train(cfg, pixel_task(cfg), allow_config_change=args.allow_config_change)
+    from accelerate import PartialState
+
+    PartialState().destroy_process_group()
     print(f"run directory: {run_dir}")
     return 0
 
@@ -61,35 +64,36 @@ def cmd_evaluate(argv: list[str]) -> int:
     p.add_argument("--rtol", type=float, default=1e-5, help="RK45 relative tolerance for the ODE NLL")
     p.add_argument("--atol", type=float, default=1e-5, help="RK45 absolute tolerance for the ODE NLL")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--shards", default=None, help="test shards to read (default: the run's data.shards)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = set(metrics) - {"nelbo", "ode_nll"}
     if unknown:
         raise ValueError(f"unknown metric(s) {sorted(unknown)}; choose from nelbo, ode_nll")
-    from .data import load_split
+    from .data import eval_examples, open_split
     from .pipeline import NDMPipeline
 
     pipe = NDMPipeline.from_pretrained(args.path, ema=not args.no_ema)
     cfg = pipe.config
-    images = torch.from_numpy(load_split(cfg.data, "test").images)
+    if args.shards:
+        cfg.data.shards = args.shards
     repeats = args.repeats or cfg.eval.repeats
-    report: dict = {"path": str(args.path), "test_images": len(images)}
-    def spaced(n: int | None) -> torch.Tensor:
-        # Evenly spaced, not the first n: test sets are often sorted by class (the MNIST subset is).
-        return images if n is None or n >= len(images) else images[torch.linspace(0, len(images) - 1, n).long()]
-
+    report: dict = {"path": str(args.path), "shards": cfg.data.shards,
+                    "test_images": open_split(cfg.data, "test").count}
+    # Evenly spaced subsets, not the first n: test sets are often sorted by class (the MNIST subset is).
     if "nelbo" in metrics:
-        subset = spaced(args.num_images)
-        report["nelbo"] = {"num_images": len(subset), "repeats": repeats}
+        images, ids, bad = eval_examples(cfg.data, "test", args.num_images, 0, 1)
+        report["nelbo"] = {"num_images": len(images), "repeats": repeats, "skipped_unreadable": bad}
         for T in args.steps:
             t0 = time.perf_counter()
-            res = evaluate_nelbo(pipe.model, subset, pipe.codec, T, cfg.eval.batch_size, repeats, cfg.eval.seed,
-                                 progress=True)
+            res = evaluate_nelbo(pipe.model, images, pipe.codec, T, cfg.eval.batch_size, repeats, cfg.eval.seed,
+                                 progress=True, ids=ids)
             res["seconds"] = round(time.perf_counter() - t0, 2)
             report["nelbo"]["continuous" if T == 0 else f"T={T}"] = res
     if "ode_nll" in metrics:
-        report["ode_nll"] = evaluate_ode_nll(pipe.model, spaced(args.ode_images), pipe.codec, probes=args.probes,
+        report["ode_nll"] = evaluate_ode_nll(pipe.model, eval_examples(cfg.data, "test", args.ode_images, 0, 1)[0],
+                                             pipe.codec, probes=args.probes,
                                              seed=cfg.eval.seed, rtol=args.rtol, atol=args.atol, progress=True)
     text = json.dumps(report, indent=2)
     print(text)
@@ -135,15 +139,16 @@ def cmd_pictures(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, default=100, help="sampling steps of the trajectories")
     p.add_argument("--sampler", default="ancestral")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shards", default=None, help="test shards to read (default: the run's data.shards)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: PATH/pictures)")
     args = p.parse_args(argv)
-    from .data import load_split
     from .pictures import TIMES, trajectory_rows, transform_rows
     from .pipeline import NDMPipeline
+    from .shards import read_split
 
     pipe = NDMPipeline.from_pretrained(args.path)
     out = args.out or Path(args.path) / "pictures"
-    test = load_split(pipe.config.data, "test")
+    test = read_split(args.shards or pipe.config.data.shards, "test", pipe.config.data.strict)
     # One test image from each of the first classes, so rows differ.
     pick = [int(np.flatnonzero(test.labels == c)[0]) for c in np.unique(test.labels)][: args.num]
     rows, diff, scale = transform_rows(pipe.model, torch.from_numpy(test.images[pick]))

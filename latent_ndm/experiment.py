@@ -12,9 +12,10 @@ from torch import Tensor, nn
 from .checkpoint import latest_checkpoint, load_weights
 from .codec import PixelCodec
 from .config import RunConfig, from_dict
-from .data import batches, load_split
+from .data import eval_examples, train_batches
 from .evaluate import evaluate_nelbo
 from .ndm import NDM, build_ndm
+from .noise import Noise
 from .samplers import ancestral
 from .train import Task
 
@@ -29,8 +30,8 @@ class NELBOObjective:
         self.codec, self.dims = codec, dims
         self.loss_scale = 1.0 / (dims * math.log(2))  # optimise bits/dim: nats/(D ln 2)
 
-    def __call__(self, model: nn.Module, batch: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-        terms = model(self.codec.encode(batch), generator)  # NDM.forward = NDM.nelbo
+    def __call__(self, model: nn.Module, images: Tensor, noise: Noise) -> tuple[Tensor, dict[str, Tensor]]:
+        terms = model(self.codec.encode(images), noise)  # NDM.forward = NDM.nelbo
         nats = terms["rec"] + terms["diff"] + terms["prior"]
         metrics = {f"{k}_bpd": v.detach().mean() * self.loss_scale for k, v in terms.items()}
         return nats, metrics | {"bpd": nats.detach().mean() * self.loss_scale}
@@ -41,20 +42,26 @@ def build_model(cfg: RunConfig) -> NDM:
 
 
 def pixel_task(cfg: RunConfig) -> Task:
-    """The pixel-space NDM (or its F = identity baseline) on cfg.data."""
+    """The pixel-space NDM (or its F = identity baseline) on the shards of cfg.data.
+
+    The periodic evaluation uses train.eval_examples evenly spaced test images, each process its
+    share (read once, kept in memory), gathered so that each image counts once.
+    """
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    train_data, test_data = load_split(cfg.data, "train"), load_split(cfg.data, "test")
     codec = PixelCodec()
     model = build_model(cfg)
-    test_images = torch.from_numpy(test_data.images[: cfg.train.eval_examples])
     shape = (cfg.train.num_samples, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    test: list[tuple[Tensor, Tensor]] = []
 
     def stream(start_step: int):
-        return batches(train_data, cfg.train.batch_size, cfg.train.seed, start_step)
+        return train_batches(cfg.data, cfg.train.batch_size, cfg.train.seed, start_step)
 
     def evaluate(m: NDM) -> dict[str, float]:
-        return evaluate_nelbo(m, test_images, codec, cfg.eval.num_steps, cfg.eval.batch_size, cfg.eval.repeats,
-                              cfg.eval.seed)
+        if not test:
+            test.append(eval_examples(cfg.data, "test", cfg.train.eval_examples)[:2])
+        images, ids = test[0]
+        return evaluate_nelbo(m, images, codec, cfg.eval.num_steps, cfg.eval.batch_size, cfg.eval.repeats,
+                              cfg.eval.seed, ids=ids, distributed=True)
 
     def sample(m: NDM, generator: torch.Generator) -> Tensor:
         was_training = m.training
@@ -63,7 +70,7 @@ def pixel_task(cfg: RunConfig) -> Task:
         m.train(was_training)
         return images
 
-    return Task(model, NELBOObjective(codec, test_images[0].numel()), stream, evaluate, sample)
+    return Task(model, NELBOObjective(codec, math.prod(shape[1:])), stream, evaluate, sample)
 
 
 def load_run(run_dir: str | Path, ema: bool = True) -> tuple[RunConfig, NDM]:

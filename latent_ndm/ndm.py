@@ -12,8 +12,9 @@ from torch import Tensor, nn
 
 from . import process as P
 from .config import ModelConfig
+from .noise import Noise
 from .schedules import Schedule, build_schedule
-from .timesteps import ImportanceSampler, low_discrepancy_uniform
+from .timesteps import ImportanceSampler
 from .transforms import IdentityTransform, NeuralTransform, Transform
 from .unet import build_unet
 
@@ -62,10 +63,10 @@ class NDM(nn.Module):
         self.data_shape = data_shape  # one example's shape [C, H, W], for samplers
 
     def forward(
-        self, x: Tensor, generator: torch.Generator | None = None, num_steps: int | None = None
+        self, x: Tensor, noise: Noise | torch.Generator | None = None, num_steps: int | None = None
     ) -> dict[str, Tensor]:
         """The NELBO terms (see `nelbo`); forward so that DDP-wrapped models train through it."""
-        return self.nelbo(x, generator, num_steps)
+        return self.nelbo(x, noise, num_steps)
 
     @property
     def device(self) -> torch.device:
@@ -116,7 +117,7 @@ class NDM(nn.Module):
     # -- the NELBO ----------------------------------------------------------------------------
 
     def nelbo(
-        self, x: Tensor, generator: torch.Generator | None = None, num_steps: int | None = None
+        self, x: Tensor, noise: Noise | torch.Generator | None = None, num_steps: int | None = None
     ) -> dict[str, Tensor]:
         """Per-example NELBO terms in nats, each [B] float64: {'rec', 'diff', 'prior'}.
 
@@ -124,12 +125,14 @@ class NDM(nn.Module):
         num_steps: T of the discrete-time bound; 0 = continuous time; None = the model's own.
         L_diff is estimated at one time per example, drawn low-discrepancy across the batch (and,
         in continuous time while training, from the learned importance proposal).
+        noise: a `Noise` (per-example keyed draws, see latent_ndm.noise), or one generator for all.
         """
         T = self.num_steps if num_steps is None else num_steps
-        B, device = x.shape[0], x.device
-        eps_0 = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
-        u = low_discrepancy_uniform(B, generator, device)
-        eps = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+        if not isinstance(noise, Noise):
+            noise = Noise.from_generator(noise, x.shape[0], x.device)
+        eps_0 = noise.normal(x)
+        u = noise.uniform(x.device)
+        eps = noise.normal(x)
         sampler = self.time_sampler if (self.training and self.time_sampler is not None and T == 0) else None
         if T > 0:
             t, weight = ((u * T).floor() + 1) / T, torch.ones_like(u)  # t = i/T, i ~ U{1..T}

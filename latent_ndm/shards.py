@@ -2,9 +2,10 @@
 
 `python -m latent_ndm.shards SOURCE OUT_DIR [options]` (scripts/make_shards.sh) writes
 OUT_DIR/{train,test}-000000.tar ... and OUT_DIR/manifest.json (counts, shape, dtype, channels,
-source, split, shard names). Reading decodes every sample to a uint8 tensor [C, H, W]. A sample
-that does not decode or a damaged shard is skipped with a warning and counted (strict=True makes it
-fatal); a sample of the wrong shape or channel count stops at once, naming the shard and the key.
+source, split, shard names, per-shard counts). Reading decodes every sample to a uint8 tensor
+[C, H, W]. A sample that does not decode or a damaged shard is skipped with a warning and counted
+(strict=True makes it fatal); a sample of the wrong shape or channel count stops at once, naming the
+shard and the key. The training stream and the evaluation pass built on this are in latent_ndm.data.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import io
 import json
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +25,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import ImageData
-from .sources import BUILT_IN, convert, load_folder, load_npz, load_torchvision
+from .sources import BUILT_IN, ImageData, convert, load_folder, load_npz, load_torchvision
 
 MANIFEST = "manifest.json"
 
@@ -43,15 +43,21 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def write_shards(data: ImageData, out_dir: str | Path, split: str, maxcount: int = 2000,
-                 progress: bool = False) -> dict:
-    """Write one split as {split}-NNNNNN.tar shards; returns its manifest entry."""
+                 shuffle_seed: int | None = None, progress: bool = False) -> dict:
+    """Write one split as {split}-NNNNNN.tar shards; returns its manifest entry.
+
+    shuffle_seed: write the samples in a seeded random order (for training data: a streaming reader
+    then reads whole shards at a time and still sees every class in every shard). The key keeps the
+    source index, {split}_NNNNNNNN, so any order maps back to the source.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob(f"{split}-*.tar"):
         old.unlink()
+    order = np.arange(len(data)) if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(len(data))
     pattern = str(out_dir / f"{split}-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0) as sink:
-        for i in tqdm(range(len(data)), desc=f"{split} shards", disable=not progress, leave=False):
+        for i in tqdm(order, desc=f"{split} shards", disable=not progress, leave=False):
             sink.write({"__key__": f"{split}_{i:08d}", "png": encode_png(data.images[i]), "cls": int(data.labels[i])})
     shards = sorted(p.name for p in out_dir.glob(f"{split}-*.tar"))
     # ShardWriter fills each shard to maxcount before starting the next; the counts let a reader place
@@ -59,79 +65,136 @@ def write_shards(data: ImageData, out_dir: str | Path, split: str, maxcount: int
     counts = [min(maxcount, len(data) - k * maxcount) for k in range(len(shards))]
     c, h, w = data.images.shape[1:]
     return {"count": len(data), "shards": shards, "shard_counts": counts, "shape": [int(c), int(h), int(w)],
-            "dtype": "uint8", "channels": int(c), "split": split}
+            "dtype": "uint8", "channels": int(c), "split": split, "shuffled": shuffle_seed is not None}
 
 
-def load_manifest(root: str | Path) -> dict:
-    path = Path(root) / MANIFEST
+def load_manifest(location: str | Path) -> dict:
+    """The manifest of a shard folder (or the path of a manifest file itself)."""
+    path = Path(location)
+    path = path if path.suffix == ".json" else path / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: make shards first (scripts/make_shards.sh)")
+        raise FileNotFoundError(f"{path} not found: make shards first, e.g. "
+                                f"scripts/make_shards.sh mnist5k {path.parent}")
     return json.loads(path.read_text())
 
 
-def split_urls(root: str | Path, split: str) -> list[str]:
-    manifest = load_manifest(root)
+@dataclass
+class SplitShards:
+    """Where one split's shards are and what they hold: any URLs webdataset opens (paths, pipe:...)."""
+
+    urls: list[str]
+    counts: list[int]  # samples per shard, from the manifest
+    shape: tuple[int, int, int]  # (C, H, W) of every image
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def offsets(self) -> list[int]:
+        """Index of each shard's first sample in the split (a sample's id = offset + position)."""
+        return [sum(self.counts[:j]) for j in range(len(self.counts))]
+
+
+def split_shards(location: str | Path, split: str, urls: str = "") -> SplitShards:
+    """A split of the shard folder (or manifest file) `location`.
+
+    urls: optional webdataset URL spec for the split's shards in manifest order, e.g. a brace pattern
+    "pipe:aws s3 cp s3://bucket/train-{000000..000099}.tar -"; default: the files beside the manifest.
+    """
+    manifest = load_manifest(location)
     if split not in manifest["splits"]:
-        raise KeyError(f"{root} has no {split!r} split; it has {sorted(manifest['splits'])}")
-    return [str(Path(root) / s) for s in manifest["splits"][split]["shards"]]
+        raise KeyError(f"{location} has no {split!r} split; it has {sorted(manifest['splits'])}")
+    entry = manifest["splits"][split]
+    if urls:
+        listed = wds.shardlists.expand_urls(urls)
+        if len(listed) != len(entry["shards"]):
+            raise ValueError(f"{urls!r} expands to {len(listed)} shards but the manifest lists {len(entry['shards'])}")
+    else:
+        folder = Path(location) if Path(location).suffix != ".json" else Path(location).parent
+        listed = [str(folder / name) for name in entry["shards"]]
+    counts = entry.get("shard_counts") or [entry["count"] // len(listed)] * len(listed)
+    return SplitShards(listed, list(counts), tuple(entry["shape"]))
 
 
 @dataclass
 class ReadStats:
-    """Counts of what reading skipped (reported in training metrics)."""
+    """What reading skipped: a damaged shard or an undecodable sample is counted and warned about,
+    or raised when strict. A wrong shape (ShardFormatError) is always raised."""
 
+    strict: bool = False
     skipped: int = 0
     messages: list[str] = field(default_factory=list)
 
+    def handle(self, exn: Exception) -> bool:
+        if self.strict or isinstance(exn, ShardFormatError):
+            raise exn
+        self.skipped += 1
+        self.messages.append(repr(exn))
+        warnings.warn(f"skipping unreadable data: {exn!r}", stacklevel=2)
+        return True  # tells webdataset to go on
 
-def decode_sample(sample: dict, shape: tuple[int, int, int]) -> tuple[torch.Tensor, int, str]:
-    """(uint8 image [C, H, W], label, key); a wrong shape raises ShardFormatError naming shard and key."""
+
+def shard_samples(url: str, stats: ReadStats) -> Iterator[dict]:
+    """The raw samples ({'__key__', 'png', 'cls', ...}) of one shard, in stored order."""
+    yield from wds.tariterators.tarfile_samples([{"url": url}], handler=stats.handle)
+
+
+def decode_sample(sample: dict, shape: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
+    """(uint8 image [C, H, W], label); a wrong shape raises ShardFormatError naming shard and key."""
     where = f"shard {sample.get('__url__', '?')}, key {sample.get('__key__', '?')}"
     with Image.open(io.BytesIO(sample["png"])) as im:
         arr = np.array(im)  # a writable copy: torch refuses to wrap read-only buffers
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     if tuple(arr.shape) != tuple(shape):
         raise ShardFormatError(f"{where}: image is {list(arr.shape)} (C, H, W) but the manifest says {list(shape)}")
-    return torch.from_numpy(np.ascontiguousarray(arr)), int(sample["cls"]), sample["__key__"]
+    return torch.from_numpy(np.ascontiguousarray(arr)), int(sample.get("cls", -1))
 
 
-def iterate_split(root: str | Path, split: str, strict: bool = False,
-                  stats: ReadStats | None = None) -> Iterator[tuple[torch.Tensor, int, str]]:
-    """One deterministic pass over a split in shard order: (image, label, key) per sample."""
-    manifest = load_manifest(root)
-    shape = tuple(manifest["splits"][split]["shape"])
-    stats = stats if stats is not None else ReadStats()
-
-    def handler(exn: Exception) -> bool:
-        if strict or isinstance(exn, ShardFormatError):
-            raise exn
-        stats.skipped += 1
-        stats.messages.append(repr(exn))
-        warnings.warn(f"skipping unreadable data: {exn!r}", stacklevel=2)
-        return True
-
-    ds = wds.WebDataset(split_urls(root, split), shardshuffle=False, handler=handler, empty_check=False)
-    for sample in ds:
-        try:
-            yield decode_sample(sample, shape)
-        except ShardFormatError:
-            raise
-        except Exception as exn:  # a PNG that does not decode
-            handler(exn)
+def decode_or_skip(sample: dict, shape: tuple[int, int, int], stats: ReadStats) -> tuple[torch.Tensor, int] | None:
+    try:
+        return decode_sample(sample, shape)
+    except ShardFormatError:
+        raise
+    except Exception as exn:  # a PNG that does not decode, a missing field
+        stats.handle(exn)
+        return None
 
 
-def read_split(root: str | Path, split: str, strict: bool = False, stats: ReadStats | None = None) -> ImageData:
-    """A whole split in memory (for small data and tests)."""
-    items = list(iterate_split(root, split, strict, stats))
+def iterate_split(shards: SplitShards, stats: ReadStats, keep_shard: Callable[[int], bool] | None = None,
+                  keep: Callable[[int], bool] | None = None) -> Iterator[tuple[torch.Tensor, int, int]]:
+    """One deterministic pass in shard order: (image, label, id) for the samples of the shards j with
+    keep_shard(j) whose id passes keep(id); other shards are not opened, other samples not decoded.
+
+    id = the shard's offset + the sample's position in it: the same whoever reads it.
+    """
+    for j, (url, offset) in enumerate(zip(shards.urls, shards.offsets)):
+        if keep_shard is not None and not keep_shard(j):
+            continue
+        for pos, sample in enumerate(shard_samples(url, stats)):
+            if (keep is None or keep(offset + pos)) and (item := decode_or_skip(sample, shards.shape, stats)):
+                yield item[0], item[1], offset + pos
+
+
+def read_split(location: str | Path, split: str, strict: bool = False, stats: ReadStats | None = None) -> ImageData:
+    """A whole split in memory, in stored order (for small data and tests)."""
+    stats = stats if stats is not None else ReadStats(strict)
+    stats.strict = strict
+    items = list(iterate_split(split_shards(location, split), stats))
     if not items:
-        raise ValueError(f"no readable samples in the {split} split of {root}")
+        raise ValueError(f"no readable samples in the {split} split of {location}")
     return ImageData(torch.stack([x for x, _, _ in items]).numpy(), np.asarray([y for _, y, _ in items]))
 
 
 def make_shards(source: str, out_dir: str | Path, *, root: str = "", channels: int | None = None,
                 center_crop: int | None = None, resize: int | None = None, patch: int = 32,
-                download: bool = False, maxcount: int = 2000, progress: bool = False) -> dict:
-    """Write train and test shards of a source and the manifest; returns the manifest."""
+                download: bool = False, maxcount: int = 2000, shuffle_seed: int | None = 0,
+                progress: bool = False) -> dict:
+    """Write train and test shards of a source and the manifest; returns the manifest.
+
+    The train split is written in a random order (shuffle_seed; None keeps the source order), the
+    test split in source order.
+    """
     def load(split: str) -> ImageData:
         if source in BUILT_IN:
             return BUILT_IN[source](split) if source != "photo-patches" else BUILT_IN[source](split, patch)
@@ -148,7 +211,8 @@ def make_shards(source: str, out_dir: str | Path, *, root: str = "", channels: i
                 "options": {"channels": channels, "center_crop": center_crop, "resize": resize, "patch": patch}}
     for split in ("train", "test"):
         data = convert(load(split), channels, center_crop, resize)
-        manifest["splits"][split] = write_shards(data, out_dir, split, maxcount, progress) | {"source": source}
+        seed = shuffle_seed if split == "train" else None
+        manifest["splits"][split] = write_shards(data, out_dir, split, maxcount, seed, progress) | {"source": source}
     (Path(out_dir) / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
@@ -165,11 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patch", type=int, default=32, help="photo-patches: patch size")
     p.add_argument("--download", action="store_true", help="torchvision sources: download if missing")
     p.add_argument("--maxcount", type=int, default=2000, help="samples per shard")
+    p.add_argument("--shuffle-seed", type=int, default=0, help="order of the train samples in the shards")
+    p.add_argument("--no-shuffle", action="store_true", help="write the train split in source order")
     args = p.parse_args(argv)
     try:
         manifest = make_shards(args.source, args.out_dir, root=args.root, channels=args.channels,
                                center_crop=args.center_crop, resize=args.resize, patch=args.patch,
-                               download=args.download, maxcount=args.maxcount, progress=True)
+                               download=args.download, maxcount=args.maxcount,
+                               shuffle_seed=None if args.no_shuffle else args.shuffle_seed, progress=True)
     except (FileNotFoundError, ValueError, KeyError, TypeError, ModuleNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

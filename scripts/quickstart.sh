@@ -5,9 +5,13 @@
 source "$(dirname "$0")/_env.sh"
 STEPS="${1:-500}"
 OUT=runs/quickstart
+SHARDS=data/mnist5k
 mkdir -p "$OUT"
-common=(out_dir="$OUT" train.steps="$STEPS" train.eval_every=0 train.sample_every="$STEPS" train.ckpt_every=250)
+common=(out_dir="$OUT" data.shards="$SHARDS" train.steps="$STEPS" train.eval_every=0 train.sample_every="$STEPS"
+        train.ckpt_every=250)
 start=$(date +%s)
+# The training data are read as webdataset shards, like any user data: write them once.
+[ -f "$SHARDS/manifest.json" ] || python -m latent_ndm.shards mnist5k "$SHARDS" >/dev/null
 python -m latent_ndm.cli train configs/ndm_mnist.yaml name=ndm "${common[@]}"
 python -m latent_ndm.cli train configs/ddpm_mnist.yaml name=ddpm "${common[@]}"
 for run in ndm ddpm; do

@@ -17,12 +17,13 @@ from latent_ndm.train import train
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run_dir(tmp_path_factory: pytest.TempPathFactory, mnist_shards: Path) -> Path:
     out = tmp_path_factory.mktemp("runs")
     nets = [f"model.{n}.{o}" for n in ("denoiser", "transform_net") for o in ("channels=8", "channel_mult=[1,2]",
                                                                              "groups=4")]
     cfg = load_config("configs/ndm_mnist.yaml", [f"out_dir={out}", "name=api", "train.steps=3", "train.batch_size=8",
-                                                 "train.eval_every=0", "train.sample_every=0", *nets])
+                                                 "train.eval_every=0", "train.sample_every=0",
+                                                 f"data.shards={mnist_shards}", *nets])
     train(cfg, pixel_task(cfg))
     from accelerate.state import AcceleratorState
 

@@ -10,21 +10,34 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latent_ndm.data import load_mnist5k
-from latent_ndm.shards import ReadStats, ShardFormatError, load_manifest, make_shards, read_split
-from latent_ndm.sources import load_folder, load_npz
+from latent_ndm.shards import (
+    ReadStats,
+    ShardFormatError,
+    load_manifest,
+    make_shards,
+    read_split,
+    shard_samples,
+    split_shards,
+)
+from latent_ndm.sources import load_folder, load_mnist5k, load_npz
 
 
-def test_mnist5k_round_trips_exactly(tmp_path: Path) -> None:
-    manifest = make_shards("mnist5k", tmp_path, maxcount=1000)
+def test_mnist5k_round_trips_exactly(mnist_shards: Path) -> None:
+    manifest = load_manifest(mnist_shards)
     train = manifest["splits"]["train"]
     assert train["count"] == 4500 and train["shape"] == [1, 28, 28] and train["dtype"] == "uint8"
     assert len(train["shards"]) == 5 and manifest["splits"]["test"]["count"] == 500
-    assert train["shard_counts"] == [1000, 1000, 1000, 1000, 500]
-    assert load_manifest(tmp_path)["source"] == "mnist5k"
+    assert train["shard_counts"] == [1000, 1000, 1000, 1000, 500] and train["shuffled"]
+    assert manifest["source"] == "mnist5k"
     for split in ("train", "test"):
-        back, want = read_split(tmp_path, split), load_mnist5k(split)
-        assert np.array_equal(back.images, want.images) and np.array_equal(back.labels, want.labels)
+        back, want = read_split(mnist_shards, split), load_mnist5k(split)
+        # Keys hold the source index: the train split is stored shuffled, the test split in order.
+        keys = [s["__key__"] for url in split_shards(mnist_shards, split).urls for s in shard_samples(url, ReadStats())]
+        source_index = np.array([int(k.split("_")[1]) for k in keys])
+        assert sorted(source_index) == list(range(len(want)))
+        assert (split == "test") == bool(np.all(source_index == np.arange(len(want))))
+        assert np.array_equal(back.images, want.images[source_index])
+        assert np.array_equal(back.labels, want.labels[source_index])
 
 
 @pytest.mark.parametrize(("source", "shape"), [("digits", [1, 8, 8]), ("photo-patches", [3, 32, 32])])

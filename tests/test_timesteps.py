@@ -6,13 +6,32 @@ import math
 
 import torch
 
-from latent_ndm.timesteps import ImportanceSampler, low_discrepancy_uniform
+from latent_ndm.noise import Noise, keyed_generator
+from latent_ndm.timesteps import ImportanceSampler
 
 
 def test_low_discrepancy_points_are_stratified() -> None:
-    u = low_discrepancy_uniform(8, torch.Generator().manual_seed(0), torch.device("cpu"))
+    u = Noise.from_generator(torch.Generator().manual_seed(0), 8).uniform(torch.device("cpu"))
     assert ((u >= 0) & (u < 1)).all()
     assert torch.equal(torch.sort((u * 8).floor()).values, torch.arange(8.0, dtype=torch.float64))
+
+
+def test_keyed_noise_does_not_depend_on_how_the_batch_is_split() -> None:
+    """Two lanes of 3 rows held by one process equal the same lanes held by two processes."""
+    def lanes(held: list[int]) -> Noise:
+        gens = [keyed_generator("cpu", 0, "train", 5, lane) for lane in held]
+        pos = torch.cat([torch.arange(3) + 3 * lane for lane in held])
+        return Noise(gens, [3] * len(held), keyed_generator("cpu", 0, "t", 5), pos, 6)
+
+    like = torch.zeros(6, 2)
+    whole = lanes([0, 1])
+    eps_whole, u_whole = whole.normal(like), whole.uniform(torch.device("cpu"))
+    parts = [lanes([k]) for k in (0, 1)]
+    assert torch.equal(torch.cat([p.normal(like[:3]) for p in parts]), eps_whole)
+    assert torch.equal(torch.cat([p.uniform(torch.device("cpu")) for p in parts]), u_whole)
+    assert torch.equal(torch.sort((u_whole * 6).floor()).values, torch.arange(6.0, dtype=torch.float64))
+    one = Noise.per_example([7, 9], "cpu", "eval")
+    assert torch.equal(one.normal(like[:2])[1], Noise.per_example([9], "cpu", "eval").normal(like[:1])[0])
 
 
 def test_importance_sampling_is_unbiased_and_lowers_variance() -> None:

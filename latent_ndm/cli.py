@@ -44,8 +44,29 @@ def cmd_train(argv: list[str]) -> int:
     run_dir = train(cfg, pixel_task(cfg), allow_config_change=args.allow_config_change)
     from accelerate import PartialState
 
+    if PartialState().is_main_process:
+        print(f"run directory: {run_dir}")
     PartialState().destroy_process_group()
-    print(f"run directory: {run_dir}")
+    return 0
+
+
+def cmd_train_vae(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="train_vae.sh", description="Stage 1: train the VAE (vae/) on shards.")
+    p.add_argument("config", help="YAML file of the settings that differ from the defaults (configs/vae_*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=500")
+    p.add_argument("--allow-config-change", action="store_true", help="resume even if the config changed")
+    args = p.parse_args(argv)
+    from accelerate import PartialState
+
+    from .config import VAERunConfig
+    from .vae_task import EXPORT, vae_task
+
+    cfg = load_config(args.config, args.overrides, schema=VAERunConfig)
+    run_dir = train(cfg, vae_task(cfg), allow_config_change=args.allow_config_change)
+    if PartialState().is_main_process:
+        print((run_dir / "test_report.json").read_text())
+        print(f"run directory: {run_dir}; the trained VAE: {run_dir / EXPORT} (VAE.from_pretrained)")
+    PartialState().destroy_process_group()
     return 0
 
 
@@ -77,7 +98,7 @@ def cmd_evaluate(argv: list[str]) -> int:
     pipe = NDMPipeline.from_pretrained(args.path, ema=not args.no_ema)
     cfg = pipe.config
     if args.shards:
-        cfg.data.shards = args.shards
+        cfg.data.shards, cfg.data.test_urls = args.shards, ""
     repeats = args.repeats or cfg.eval.repeats
     report: dict = {"path": str(args.path), "shards": cfg.data.shards,
                     "test_images": open_split(cfg.data, "test").count}
@@ -162,7 +183,8 @@ def cmd_pictures(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample, "pictures": cmd_pictures}
+COMMANDS = {"train": cmd_train, "train_vae": cmd_train_vae, "evaluate": cmd_evaluate, "sample": cmd_sample,
+            "pictures": cmd_pictures}
 
 
 def main(argv: list[str] | None = None) -> int:

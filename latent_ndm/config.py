@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from vae.config import VAEConfig, VAELossConfig
+
 
 class ConfigError(ValueError):
     """A configuration file or override that does not fit the schema."""
@@ -113,6 +115,19 @@ class RunConfig:
     name: str = "run"  # the run lives in {out_dir}/{name}
     out_dir: str = "runs"
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class VAERunConfig:
+    """Stage 1: the VAE (vae/) trained through the same loop and data pipeline."""
+
+    name: str = "vae"
+    out_dir: str = "runs"
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    loss: VAELossConfig = field(default_factory=VAELossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -226,8 +241,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults, then the YAML file's differences, then `key=value` overrides; all checked."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, schema: type = RunConfig):
+    """Defaults of `schema` (RunConfig or VAERunConfig), then the YAML file's differences, then
+    `key=value` overrides; all checked."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -239,14 +255,44 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = loaded
         data.setdefault("name", path.stem)
     data = _merge(data, parse_overrides(overrides or []))
-    cfg = from_dict(RunConfig, data)
+    cfg = from_dict(schema, data)
     validate(cfg)
     return cfg
 
 
-def validate(cfg: RunConfig) -> None:
+def _validate_common(cfg: RunConfig | VAERunConfig) -> None:
+    t, d = cfg.train, cfg.data
+    if t.steps < 0 or t.batch_size < 1:
+        raise ConfigError("train.steps must be >= 0 and train.batch_size >= 1")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay = {t.ema_decay}; must lie in [0, 1)")
+    if d.channels < 1 or d.image_size < 1:
+        raise ConfigError("data.channels and data.image_size must be positive")
+    if d.num_workers < 0 or d.lanes < 0 or d.prefetch < 1:
+        raise ConfigError("data.num_workers and data.lanes must be >= 0, data.prefetch >= 1")
+    if d.lanes and t.batch_size % d.lanes:
+        raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of data.lanes={d.lanes}")
+
+
+def validate(cfg: RunConfig | VAERunConfig) -> None:
     """Checks of values that the types alone cannot express."""
-    m, t = cfg.model, cfg.train
+    _validate_common(cfg)
+    if isinstance(cfg, VAERunConfig):
+        try:
+            cfg.vae.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        if cfg.vae.in_channels != cfg.data.channels:
+            raise ConfigError(f"vae.in_channels={cfg.vae.in_channels} but data.channels={cfg.data.channels}")
+        if cfg.data.image_size % cfg.vae.factor:
+            raise ConfigError(f"data.image_size={cfg.data.image_size} is not divisible by the VAE's downsampling "
+                              f"factor {cfg.vae.factor} (vae.channel_mult has {len(cfg.vae.channel_mult)} levels)")
+        if cfg.loss.kl_weight < 0 or cfg.loss.kl_warmup_steps < 0 or cfg.loss.gan_weight < 0:
+            raise ConfigError("loss.kl_weight, loss.kl_warmup_steps and loss.gan_weight must be >= 0")
+        if cfg.vae.decoder == "perceptual" and cfg.loss.lpips_net not in ("vgg", "alex", "squeeze"):
+            raise ConfigError(f"loss.lpips_net={cfg.loss.lpips_net!r}; choose vgg, alex or squeeze")
+        return
+    m = cfg.model
     choices = {
         "model.transform": (m.transform, ("neural", "identity")),
         "model.parameterization": (m.parameterization, ("eps", "x")),
@@ -261,18 +307,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"model.num_steps = {m.num_steps}; use 0 for continuous time or T >= 1")
     if not m.schedule.gamma_min < m.schedule.gamma_max:
         raise ConfigError("model.schedule.gamma_min must be below gamma_max")
-    if t.steps < 0 or t.batch_size < 1:
-        raise ConfigError("train.steps must be >= 0 and train.batch_size >= 1")
-    if not 0.0 <= t.ema_decay < 1.0:
-        raise ConfigError(f"train.ema_decay = {t.ema_decay}; must lie in [0, 1)")
     if m.transform == "neural" and (m.transform_net.dropout or 0.0) > 0:
         raise ConfigError("model.transform_net.dropout must be 0: F must be deterministic (see ndm.build_ndm)")
-    if cfg.data.channels < 1 or cfg.data.image_size < 1:
-        raise ConfigError("data.channels and data.image_size must be positive")
-    if cfg.data.num_workers < 0 or cfg.data.lanes < 0 or cfg.data.prefetch < 1:
-        raise ConfigError("data.num_workers and data.lanes must be >= 0, data.prefetch >= 1")
-    if cfg.data.lanes and cfg.train.batch_size % cfg.data.lanes:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be a multiple of data.lanes={cfg.data.lanes}")
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -8,7 +8,8 @@ split those lanes between them. Everything random is keyed by (seed, lane, epoch
 - processes see disjoint samples within a step, and every process gets one batch per step
   forever (no uneven ends that would hang data parallelism);
 - with a fixed `data.lanes`, 1, 2 or 8 processes see the same global batches;
-- resuming at step k skips whole shards by their manifest counts: the stream continues exactly.
+- resuming at step k skips whole shards by their manifest counts: the stream continues exactly
+  (on clean data; each skipped unreadable sample shifts the resumed stream by one).
 
 Evaluation: one deterministic pass in which each test example belongs to exactly one process
 (whole shards per process when there are enough, otherwise every W-th example).
@@ -17,6 +18,7 @@ Evaluation: one deterministic pass in which each test example belongs to exactly
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -57,10 +59,6 @@ class Batch:
     chunk: int  # samples per lane per step
     num_lanes: int
     skipped: int  # unreadable samples / damaged shards skipped while assembling this batch
-
-    def to(self, device: torch.device) -> Batch:
-        return Batch(self.images.to(device, non_blocking=True), self.ids, self.lanes, self.chunk, self.num_lanes,
-                     self.skipped)
 
     def noise(self, seed: int, step: int, device: torch.device) -> Noise:
         """The step's noise for these examples, keyed by (seed, step, lane): the same whichever process
@@ -128,10 +126,11 @@ class LaneStream(IterableDataset):
 def lane_layout(cfg: DataConfig, batch_size: int, world: int) -> tuple[int, int]:
     """(number of lanes, samples per lane per step), with clear errors for layouts that do not divide."""
     lanes = cfg.lanes or world * max(1, cfg.num_workers)
+    name = f"data.lanes={lanes}" if cfg.lanes else f"data.lanes=0 (= {world} processes x {cfg.num_workers} workers)"
     if lanes % world:
-        raise ValueError(f"data.lanes={lanes} must be a multiple of the {world} processes")
+        raise ValueError(f"{name} must be a multiple of the {world} processes")
     if batch_size % lanes:
-        raise ValueError(f"train.batch_size={batch_size} must be a multiple of data.lanes={lanes} "
+        raise ValueError(f"train.batch_size={batch_size} must be a multiple of {name} "
                          f"(the global batch is drawn equally from every lane)")
     return lanes, batch_size // lanes
 
@@ -150,6 +149,9 @@ def train_batches(cfg: DataConfig, batch_size: int, seed: int, start_step: int =
     # workers would drift apart in steps and the reassembly buffer would grow without bound.
     workers = max(d for d in range(1, len(mine) + 1) if len(mine) % d == 0 and d <= max(1, cfg.num_workers))
     workers = 0 if cfg.num_workers == 0 else workers
+    if 0 < workers < cfg.num_workers:
+        warnings.warn(f"using {workers} of data.num_workers={cfg.num_workers} decoding workers: this process holds "
+                      f"{len(mine)} lanes and workers must share them equally (raise data.lanes)", stacklevel=2)
     dataset = LaneStream(open_split(cfg, "train"), mine, chunk, seed, start_step, cfg.hflip, cfg.strict)
     source = iter(DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
                              prefetch_factor=cfg.prefetch if workers else None))

@@ -80,6 +80,8 @@ def evaluate_nelbo(
     per_image = nelbo_per_example(ndm, images, ids, codec, num_steps, batch_size, repeats, seed, progress)
     if distributed:
         ids, per_image = gather_examples(ids, per_image)
+    if len(ids) == 0:
+        raise ValueError("no test images to evaluate")
     total = sum(per_image.values())
     out = {f"{k}_bpd": bits_per_dim(v, dims).mean().item() for k, v in per_image.items()}
     out["bpd"] = bits_per_dim(total, dims).mean().item()

@@ -30,7 +30,8 @@ class NELBOObjective:
         self.codec, self.dims = codec, dims
         self.loss_scale = 1.0 / (dims * math.log(2))  # optimise bits/dim: nats/(D ln 2)
 
-    def __call__(self, model: nn.Module, images: Tensor, noise: Noise) -> tuple[Tensor, dict[str, Tensor]]:
+    def __call__(self, model: nn.Module, images: Tensor, noise: Noise, step: int = 0
+                 ) -> tuple[Tensor, dict[str, Tensor]]:
         terms = model(self.codec.encode(images), noise)  # NDM.forward = NDM.nelbo
         nats = terms["rec"] + terms["diff"] + terms["prior"]
         metrics = {f"{k}_bpd": v.detach().mean() * self.loss_scale for k, v in terms.items()}

@@ -119,8 +119,10 @@ def split_shards(location: str | Path, split: str, urls: str = "") -> SplitShard
     else:
         folder = Path(location) if Path(location).suffix != ".json" else Path(location).parent
         listed = [str(folder / name) for name in entry["shards"]]
-    counts = entry.get("shard_counts") or [entry["count"] // len(listed)] * len(listed)
-    return SplitShards(listed, list(counts), tuple(entry["shape"]))
+    if "shard_counts" not in entry:
+        raise ValueError(f"the manifest of {location} has no per-shard counts (shard_counts): make the shards again "
+                         f"with scripts/make_shards.sh")
+    return SplitShards(listed, list(entry["shard_counts"]), tuple(entry["shape"]))
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """One generic training loop on accelerate, counted in steps.
 
-It knows only `objective(model, images, noise) -> (per-example nats [B], metrics)`; the pixel
+It knows only `objective(model, images, noise, step) -> (per-example nats [B], metrics)`; the pixel
 NDM, its baseline and (later) the VAE and the end-to-end latent model all train through it.
 
 Data parallel: every process holds its lanes' part of the global batch (latent_ndm.data), draws
@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -40,7 +41,8 @@ RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.eval_every", "train.e
 class Objective(Protocol):
     loss_scale: float  # multiplies the mean per-example nats into the optimised loss (e.g. 1/(D ln 2))
 
-    def __call__(self, model: nn.Module, images: Tensor, noise: Noise) -> tuple[Tensor, dict[str, Tensor]]: ...
+    def __call__(self, model: nn.Module, images: Tensor, noise: Noise, step: int
+                 ) -> tuple[Tensor, dict[str, Tensor]]: ...
 
 
 @dataclass
@@ -52,6 +54,8 @@ class Task:
     train_batches: Callable[[int], Iterator[Batch]]  # start step -> this process's batches, forever
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None  # called on every process
     sample: Callable[[nn.Module, torch.Generator], Tensor] | None = None  # -> uint8 images
+    sample_nrow: int | None = None  # images per row of the sample grid (default: square)
+    finish: Callable[[nn.Module, Path], None] | None = None  # rank 0, after the last step, with the eval model
 
 
 class EMA:
@@ -138,23 +142,33 @@ def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path
     raw = accelerator.unwrap_model(model)
     modules = {"model": raw} | ({"ema": ema.model} if ema else {})
 
-    # Resume.
-    step, skipped = 0, 0
-    ckpt = latest_checkpoint(run_dir)
+    # Resume. Rank 0 chooses the checkpoint for everyone (out_dir must be shared by all machines), so
+    # that ranks never start from different steps.
+    step, skipped, data_skipped, lanes, saved_step = 0, 0, 0, None, -1
+    found = broadcast_object_list([str(latest_checkpoint(run_dir) or "") if is_main else None])[0]
+    ckpt = Path(found) if found else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, modules)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, skipped = state["step"], state.get("skipped_steps", 0)
+        # The saved count is the total over processes: rank 0 carries it on.
+        data_skipped, lanes, saved_step = state.get("data_skipped", 0) if is_main else 0, state.get("data_lanes"), step
         accelerator.print(f"resumed from {ckpt} at step {step}")
         if is_main:
             _truncate_metrics(run_dir / "metrics.jsonl", step)
 
+    def total_data_skipped() -> int:  # a collective: every process calls it
+        return int(accelerator.reduce(torch.tensor([data_skipped], device=device), "sum").item())
+
     def checkpoint() -> None:
+        nonlocal saved_step
+        bad_data = total_data_skipped()
         if is_main:
             state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "skipped_steps": skipped}
+                     "skipped_steps": skipped, "data_skipped": bad_data, "data_lanes": lanes}
             save_checkpoint(run_dir, step, modules, state, keep=tc.keep_checkpoints)
+        saved_step = step
         accelerator.wait_for_everyone()
 
     def every(n: int) -> bool:
@@ -164,13 +178,19 @@ def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path
     stream = task.train_batches(step)
     eval_model = ema.model if ema else raw
     bar = tqdm(total=tc.steps, initial=step, disable=not is_main, desc=cfg.name, dynamic_ncols=True)
-    skipped_in_row, data_skipped, t_last, step_last = 0, 0, time.perf_counter(), step
+    skipped_in_row, t_last, step_last = 0, time.perf_counter(), step
     while step < tc.steps:
         batch = next(stream)
+        if lanes is not None and batch.num_lanes != lanes:
+            # data.lanes = 0 resolves to processes x workers: relaunching differently would change the data.
+            raise ConfigError(f"this run was trained with {lanes} data lanes but now has {batch.num_lanes}; "
+                              f"resume with data.lanes={lanes}")
+        lanes = batch.num_lanes
         data_skipped += batch.skipped
         torch.manual_seed(derive_seed(tc.seed, "device-rng", step, accelerator.process_index))  # dropout
         with accelerator.autocast():
-            nats, metrics = task.objective(model, batch.images.to(device), batch.noise(tc.seed, step, device))
+            nats, metrics = task.objective(model, batch.images.to(device, non_blocking=True),
+                                            batch.noise(tc.seed, step, device), step)
         loss = nats.mean() * task.objective.loss_scale
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
@@ -196,7 +216,7 @@ def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path
             # Means over the global batch (a collective: every process takes part).
             local = torch.stack([loss.detach().float(), *(v.float() for v in metrics.values())])
             means = accelerator.reduce(local, "mean").tolist()
-            bad_data = int(accelerator.reduce(torch.tensor([data_skipped], device=device), "sum").item())
+            bad_data = total_data_skipped()
             logged = {"loss": means[0], "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0],
                       "skipped_steps": skipped, "data_skipped": bad_data,
                       "sec_per_step": (now - t_last) / max(1, step - step_last)}
@@ -209,13 +229,15 @@ def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path
             logger.log(step, {f"test_{k}": v for k, v in results.items()})
         if task.sample is not None and every(tc.sample_every) and is_main:
             images = task.sample(eval_model, torch.Generator(device).manual_seed(tc.seed))
-            save_grid(images, run_dir / "samples" / f"step_{step:08d}.png")
+            save_grid(images, run_dir / "samples" / f"step_{step:08d}.png", task.sample_nrow)
         if every(tc.ckpt_every):
             checkpoint()
     bar.close()
-    last = latest_checkpoint(run_dir)
-    if last is None or last.name != f"step_{step:08d}":
+    if saved_step != step:
         checkpoint()
+    if task.finish is not None and is_main:
+        task.finish(eval_model, run_dir)
+    accelerator.wait_for_everyone()
     # The process group stays up (no end_training): callers may evaluate across processes next.
     return run_dir
 

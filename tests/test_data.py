@@ -60,6 +60,16 @@ def test_each_lane_epoch_is_a_permutation_and_resume_is_exact(digits: Path) -> N
             assert torch.equal(got.ids, want.ids) and torch.equal(got.images, want.images)
 
 
+def test_any_webdataset_url_works_brace_patterns_and_pipes(digits: Path) -> None:
+    local = take(train_batches(data_cfg(digits, lanes=2, num_workers=0), 32, 1), 3)
+    urls = f"pipe:cat {digits}/train-{{000000..000014}}.tar"
+    piped = take(train_batches(data_cfg(digits, lanes=2, num_workers=0, train_urls=urls), 32, 1), 3)
+    for a, b in zip(local, piped):
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.images, b.images)
+    with pytest.raises(ValueError, match="expands to 2 shards but the manifest lists 15"):
+        next(train_batches(data_cfg(digits, train_urls=f"{digits}/train-{{000000..000001}}.tar"), 8, 0))
+
+
 def test_horizontal_flips_are_seeded_and_affect_about_half(digits: Path) -> None:
     plain = take(train_batches(data_cfg(digits, lanes=1, num_workers=0), 64, 0), 4)
     flipped = take(train_batches(data_cfg(digits, lanes=1, num_workers=0, hflip=True), 64, 0), 4)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from latent_ndm.checkpoint import latest_checkpoint
 from latent_ndm.config import ConfigError, VAERunConfig, load_config
 from latent_ndm.train import train
 from latent_ndm.vae_task import vae_task
@@ -106,3 +109,30 @@ def test_tiny_vae_training_on_mnist_improves_reconstructions(tmp_path: Path, mni
     assert (run_dir / "samples" / "step_00000060.png").is_file()
     vae = VAE.from_pretrained(run_dir / "vae")  # the exported model, with its latent statistics
     assert torch.equal(vae.latent_scale, torch.tensor(report["latent_scale"]))
+
+
+def test_perceptual_decoder_with_gan_trains_through_the_loop(tmp_path: Path) -> None:
+    """The LDM-style path: L1 + LPIPS (random backbone: no weights file here) + patch-GAN from step 3."""
+    from latent_ndm.shards import make_shards
+
+    make_shards("photo-patches", tmp_path / "photos", patch=32)
+    cfg = load_config("configs/vae_photos.yaml", [
+        f"out_dir={tmp_path}", "name=p", f"data.shards={tmp_path / 'photos'}",
+        "data.num_workers=0", "vae.channels=8", "vae.groups=4", "vae.num_res_blocks=1", "loss.lpips_net=squeeze",
+        "loss.lpips_random_backbone=true", "loss.gan_start_step=3", "loss.disc_channels=8", "loss.disc_layers=2",
+        "train.steps=6", "train.batch_size=4", "train.log_every=1", "train.eval_every=6", "train.eval_examples=8",
+        "train.sample_every=0", "train.ckpt_every=6"], schema=VAERunConfig)
+    task = vae_task(cfg)
+    disc_before = [p.detach().clone() for p in task.model.discriminator.parameters()]
+    run_dir = train(cfg, task)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in rows if "loss" in r}
+    assert all(steps[s]["adaptive_weight"] == 0 for s in (1, 2, 3)) and steps[6]["adaptive_weight"] > 0
+    assert all(math.isfinite(r["loss"]) and r["lpips"] > 0 for r in steps.values())
+    # The discriminator learns only from its hinge loss, which starts at step 3.
+    after = load_file(latest_checkpoint(run_dir) / "model.safetensors")
+    assert any(not torch.equal(b, after[f"discriminator.{n}"])
+               for (n, _p), b in zip(task.model.discriminator.named_parameters(), disc_before))
+    report = json.loads((run_dir / "test_report.json").read_text())
+    assert "lpips" in report and "bpd" not in report and report["psnr"] > 0
+    assert VAE.from_pretrained(run_dir / "vae").config.decoder == "perceptual"

@@ -70,6 +70,27 @@ def cmd_train_vae(argv: list[str]) -> int:
     return 0
 
 
+def cmd_train_latent(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="train_latent_ndm.sh",
+                                description="Stage 2: an NDM prior on the latents of a trained (frozen) VAE.")
+    p.add_argument("config", help="YAML file of the settings that differ from the defaults (configs/latent_*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. vae_path=runs/vae_mnist/vae")
+    p.add_argument("--allow-config-change", action="store_true", help="resume even if the config changed")
+    args = p.parse_args(argv)
+    from accelerate import PartialState
+
+    from .config import LatentRunConfig
+    from .latent import latent_task
+
+    cfg = load_config(args.config, args.overrides, schema=LatentRunConfig)
+    run_dir = train(cfg, latent_task(cfg), allow_config_change=args.allow_config_change)
+    if PartialState().is_main_process:
+        print((run_dir / "test_report.json").read_text())
+        print(f"run directory: {run_dir}")
+    PartialState().destroy_process_group()
+    return 0
+
+
 def cmd_evaluate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="evaluate.sh", description="Test-set NELBO and ODE NLL in bits/dim, as JSON.")
     p.add_argument("path", help="a run directory (train_ndm.sh) or a saved model directory")
@@ -183,8 +204,8 @@ def cmd_pictures(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "train_vae": cmd_train_vae, "evaluate": cmd_evaluate, "sample": cmd_sample,
-            "pictures": cmd_pictures}
+COMMANDS = {"train": cmd_train, "train_vae": cmd_train_vae, "train_latent": cmd_train_latent,
+            "evaluate": cmd_evaluate, "sample": cmd_sample, "pictures": cmd_pictures}
 
 
 def main(argv: list[str] | None = None) -> int:

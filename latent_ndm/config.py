@@ -133,6 +133,19 @@ class VAERunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+@dataclass
+class LatentRunConfig:
+    """Stage 2: an NDM prior on the latents of a frozen stage-1 VAE (LSGM's first prior stage)."""
+
+    name: str = "latent_ndm"
+    out_dir: str = "runs"
+    vae_path: str = "runs/vae_mnist/vae"  # a saved VAE: train_vae.sh exports runs/NAME/vae
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(likelihood="gaussian"))
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
 # ----------------------------------------------------------------------------------------------
 # Building a dataclass from plain data, with every key and type checked.
 
@@ -260,7 +273,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def _validate_common(cfg: RunConfig | VAERunConfig) -> None:
+def _validate_common(cfg: RunConfig | VAERunConfig | LatentRunConfig) -> None:
     t, d = cfg.train, cfg.data
     if t.steps < 0 or t.batch_size < 1:
         raise ConfigError("train.steps must be >= 0 and train.batch_size >= 1")
@@ -274,7 +287,7 @@ def _validate_common(cfg: RunConfig | VAERunConfig) -> None:
         raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of data.lanes={d.lanes}")
 
 
-def validate(cfg: RunConfig | VAERunConfig) -> None:
+def validate(cfg: RunConfig | VAERunConfig | LatentRunConfig) -> None:
     """Checks of values that the types alone cannot express."""
     _validate_common(cfg)
     if isinstance(cfg, VAERunConfig):
@@ -293,6 +306,8 @@ def validate(cfg: RunConfig | VAERunConfig) -> None:
             raise ConfigError(f"loss.lpips_net={cfg.loss.lpips_net!r}; choose vgg, alex or squeeze")
         return
     m = cfg.model
+    if isinstance(cfg, LatentRunConfig) and m.likelihood != "gaussian":
+        raise ConfigError("model.likelihood must be 'gaussian' for a latent prior (its data are continuous latents)")
     choices = {
         "model.transform": (m.transform, ("neural", "identity")),
         "model.parameterization": (m.parameterization, ("eps", "x")),

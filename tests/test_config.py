@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from latent_ndm.codec import PixelCodec
-from latent_ndm.config import ConfigError, RunConfig, VAERunConfig, config_diff, load_config, to_dict
+from latent_ndm.config import ConfigError, LatentRunConfig, RunConfig, VAERunConfig, config_diff, load_config, to_dict
 from latent_ndm.experiment import NELBOObjective, build_model
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -16,7 +16,7 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_loads(path: Path) -> None:
-    schema = VAERunConfig if path.name.startswith("vae_") else RunConfig
+    schema = {"vae": VAERunConfig, "latent": LatentRunConfig}.get(path.name.split("_")[0], RunConfig)
     cfg = load_config(path, schema=schema)
     assert isinstance(cfg, schema) and cfg.name == path.stem
 

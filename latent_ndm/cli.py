@@ -7,12 +7,13 @@ import json
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import ConfigError, load_config
+from .config import ConfigError, LatentRunConfig, RunConfig, VAERunConfig, load_config
 from .evaluate import evaluate_nelbo
 from .experiment import pixel_task
 from .images import save_grid
@@ -34,61 +35,71 @@ def _parse_steps(text: str) -> list[int]:
     return out
 
 
-def cmd_train(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="train_ndm.sh", description="Train a pixel-space NDM or its DDPM baseline.")
-    p.add_argument("config", help="YAML file with the settings that differ from the defaults")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=500 model.num_steps=10")
-    p.add_argument("--allow-config-change", action="store_true", help="resume even if the config changed")
-    args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    run_dir = train(cfg, pixel_task(cfg), allow_config_change=args.allow_config_change)
+def _train_command(argv: list[str], prog: str, description: str, example: str, schema: type,
+                   make_task: Callable, keep_group: bool = False) -> int:
+    """One training entry point for every stage: config + overrides -> task -> the shared loop."""
     from accelerate import PartialState
 
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("config", help="YAML file with the settings that differ from the defaults")
+    p.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {example}")
+    p.add_argument("--allow-config-change", action="store_true", help="resume even if the config changed")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides, schema=schema)
+    run_dir = train(cfg, make_task(cfg), allow_config_change=args.allow_config_change)
     if PartialState().is_main_process:
+        report = run_dir / "test_report.json"
+        if report.is_file():
+            print(report.read_text())
         print(f"run directory: {run_dir}")
-    PartialState().destroy_process_group()
+    if not keep_group:
+        PartialState().destroy_process_group()
     return 0
+
+
+def cmd_train(argv: list[str]) -> int:
+    return _train_command(argv, "train_ndm.sh", "Train a pixel-space NDM or its DDPM baseline.",
+                          "train.steps=500 model.num_steps=10", RunConfig, pixel_task)
 
 
 def cmd_train_vae(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="train_vae.sh", description="Stage 1: train the VAE (vae/) on shards.")
-    p.add_argument("config", help="YAML file of the settings that differ from the defaults (configs/vae_*.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=500")
-    p.add_argument("--allow-config-change", action="store_true", help="resume even if the config changed")
-    args = p.parse_args(argv)
-    from accelerate import PartialState
+    from .vae_task import vae_task
 
-    from .config import VAERunConfig
-    from .vae_task import EXPORT, vae_task
-
-    cfg = load_config(args.config, args.overrides, schema=VAERunConfig)
-    run_dir = train(cfg, vae_task(cfg), allow_config_change=args.allow_config_change)
-    if PartialState().is_main_process:
-        print((run_dir / "test_report.json").read_text())
-        print(f"run directory: {run_dir}; the trained VAE: {run_dir / EXPORT} (VAE.from_pretrained)")
-    PartialState().destroy_process_group()
-    return 0
+    return _train_command(argv, "train_vae.sh", "Stage 1: train the VAE (vae/) on shards; exports runs/NAME/vae.",
+                          "train.steps=500 vae.latent_channels=4", VAERunConfig, vae_task)
 
 
 def cmd_train_latent(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="train_latent_ndm.sh",
-                                description="Stage 2: an NDM prior on the latents of a trained (frozen) VAE.")
-    p.add_argument("config", help="YAML file of the settings that differ from the defaults (configs/latent_*.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. vae_path=runs/vae_mnist/vae")
-    p.add_argument("--allow-config-change", action="store_true", help="resume even if the config changed")
-    args = p.parse_args(argv)
-    from accelerate import PartialState
-
-    from .config import LatentRunConfig
+    """Stage 2 (run NAME), then stage 3 (run NAME_joint, started from stage 2's EMA weights)."""
     from .latent import latent_task
 
+    p = argparse.ArgumentParser(prog="train_latent_ndm.sh", description="Stage 2: an NDM prior on the latents "
+                                "of a trained VAE (frozen); stage 3: end-to-end fine-tuning of VAE and prior.")
+    p.add_argument("config", help="YAML file with the settings that differ from the defaults")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. vae_path=runs/vae_mnist/vae")
+    p.add_argument("--stages", default="prior,joint", help="prior (stage 2), joint (stage 3), or both (default)")
+    p.add_argument("--joint-steps", type=int, default=None, help="stage 3 steps (default: a quarter of train.steps)")
+    p.add_argument("--joint-lr", type=float, default=None, help="stage 3 prior learning rate (default: train.lr / 10)")
+    p.add_argument("--allow-config-change", action="store_true", help="resume even if the config changed")
+    args = p.parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if not stages or set(stages) - {"prior", "joint"}:
+        raise ValueError(f"--stages {args.stages!r}: use prior, joint or prior,joint")
     cfg = load_config(args.config, args.overrides, schema=LatentRunConfig)
-    run_dir = train(cfg, latent_task(cfg), allow_config_change=args.allow_config_change)
-    if PartialState().is_main_process:
-        print((run_dir / "test_report.json").read_text())
-        print(f"run directory: {run_dir}")
-    PartialState().destroy_process_group()
-    return 0
+    runs = []
+    if "prior" in stages:
+        runs.append(_train_command([args.config, *args.overrides, "stage=prior"]
+                                   + (["--allow-config-change"] if args.allow_config_change else []),
+                                   "train_latent_ndm.sh", "", "", LatentRunConfig, latent_task, keep_group=True))
+    if "joint" in stages:
+        stage2 = Path(cfg.out_dir) / cfg.name
+        joint = [f"name={cfg.name}_joint", "stage=joint", f"init_from={stage2}",
+                 f"train.steps={args.joint_steps or max(1, cfg.train.steps // 4)}",
+                 f"train.lr={args.joint_lr or cfg.train.lr / 10}"]
+        runs.append(_train_command([args.config, *args.overrides, *joint]
+                                   + (["--allow-config-change"] if args.allow_config_change else []),
+                                   "train_latent_ndm.sh", "", "", LatentRunConfig, latent_task))
+    return max(runs)
 
 
 def cmd_evaluate(argv: list[str]) -> int:

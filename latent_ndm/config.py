@@ -108,6 +108,7 @@ class EvalConfig:
     num_steps: int | None = None  # T at which to evaluate the NELBO; None = the model's own
     repeats: int = 1  # Monte-Carlo draws of (t, eps) per test image
     seed: int = 1234
+    final_examples: int | None = None  # evenly spaced test images of a run's final report (None: all)
 
 
 @dataclass
@@ -135,11 +136,14 @@ class VAERunConfig:
 
 @dataclass
 class LatentRunConfig:
-    """Stage 2: an NDM prior on the latents of a frozen stage-1 VAE (LSGM's first prior stage)."""
+    """Stages 2 and 3 of the latent model: an NDM prior on a stage-1 VAE's latents, then end to end."""
 
     name: str = "latent_ndm"
     out_dir: str = "runs"
     vae_path: str = "runs/vae_mnist/vae"  # a saved VAE: train_vae.sh exports runs/NAME/vae
+    stage: str = "prior"  # prior: stage 2, the VAE frozen | joint: stage 3, every part trained end to end
+    init_from: str = ""  # a run directory (e.g. stage 2's) whose latest EMA weights start this run
+    vae_lr: float = 1.0e-4  # stage 3: the VAE's learning rate (the prior uses train.lr)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(likelihood="gaussian"))
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -306,8 +310,11 @@ def validate(cfg: RunConfig | VAERunConfig | LatentRunConfig) -> None:
             raise ConfigError(f"loss.lpips_net={cfg.loss.lpips_net!r}; choose vgg, alex or squeeze")
         return
     m = cfg.model
-    if isinstance(cfg, LatentRunConfig) and m.likelihood != "gaussian":
-        raise ConfigError("model.likelihood must be 'gaussian' for a latent prior (its data are continuous latents)")
+    if isinstance(cfg, LatentRunConfig):
+        if m.likelihood != "gaussian":
+            raise ConfigError("model.likelihood must be 'gaussian' for a latent prior (its data are latents)")
+        if cfg.stage not in ("prior", "joint"):
+            raise ConfigError(f"stage = {cfg.stage!r}; choose prior (stage 2) or joint (stage 3)")
     choices = {
         "model.transform": (m.transform, ("neural", "identity")),
         "model.parameterization": (m.parameterization, ("eps", "x")),

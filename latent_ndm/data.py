@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -191,3 +191,16 @@ def eval_examples(cfg: DataConfig, split: str = "test", num: int | None = None, 
     items = list(iterate_split(shards, stats, keep_shard, keep))
     images = torch.stack([x for x, _, _ in items]) if items else torch.zeros((0, *shards.shape), dtype=torch.uint8)
     return images, torch.tensor([i for _, _, i in items], dtype=torch.long), stats.skipped
+
+
+def cached_eval_examples(cfg: DataConfig, num: int | None) -> Callable[[], tuple[Tensor, Tensor]]:
+    """This process's share of `num` evenly spaced test examples as (images, ids): read on the first
+    call and kept (for evaluation during training)."""
+    cache: list[tuple[Tensor, Tensor]] = []
+
+    def get() -> tuple[Tensor, Tensor]:
+        if not cache:
+            cache.append(eval_examples(cfg, "test", num)[:2])
+        return cache[0]
+
+    return get

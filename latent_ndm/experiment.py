@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .checkpoint import latest_checkpoint, load_weights
 from .codec import PixelCodec
 from .config import RunConfig, from_dict
-from .data import eval_examples, train_batches
+from .data import cached_eval_examples, train_batches
 from .evaluate import evaluate_nelbo
 from .ndm import NDM, build_ndm
 from .noise import Noise
@@ -52,15 +52,13 @@ def pixel_task(cfg: RunConfig) -> Task:
     codec = PixelCodec()
     model = build_model(cfg)
     shape = (cfg.train.num_samples, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    test: list[tuple[Tensor, Tensor]] = []
+    test_examples = cached_eval_examples(cfg.data, cfg.train.eval_examples)
 
     def stream(start_step: int):
         return train_batches(cfg.data, cfg.train.batch_size, cfg.train.seed, start_step)
 
     def evaluate(m: NDM) -> dict[str, float]:
-        if not test:
-            test.append(eval_examples(cfg.data, "test", cfg.train.eval_examples)[:2])
-        images, ids = test[0]
+        images, ids = test_examples()
         return evaluate_nelbo(m, images, codec, cfg.eval.num_steps, cfg.eval.batch_size, cfg.eval.repeats,
                               cfg.eval.seed, ids=ids, distributed=True)
 

@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 
 from vae.model import VAE
 
+from .checkpoint import latest_checkpoint, load_weights
 from .config import LatentRunConfig
-from .data import eval_examples, train_batches
+from .data import cached_eval_examples, eval_examples, train_batches
 from .evaluate import gather_examples
 from .ndm import NDM, build_ndm
 from .noise import Noise
@@ -101,11 +102,19 @@ def load_vae(path: str | Path) -> VAE:
 
 
 def build_latent_model(cfg: LatentRunConfig) -> LatentModel:
+    """The VAE from cfg.vae_path and a fresh NDM prior, or both from cfg.init_from's latest EMA weights."""
     vae = load_vae(cfg.vae_path)
     c, h, w = vae.latent_shape(cfg.data.image_size)
     if h != w:
         raise ValueError(f"latents must be square, got {h}x{w}")
-    return LatentModel(vae, build_ndm(cfg.model, c, h))
+    model = LatentModel(vae, build_ndm(cfg.model, c, h), freeze_vae=cfg.stage == "prior")
+    if cfg.init_from:
+        ckpt = latest_checkpoint(Path(cfg.init_from))
+        if ckpt is None:
+            raise FileNotFoundError(f"init_from={cfg.init_from} has no complete checkpoint")
+        name = "ema" if (ckpt / "ema.safetensors").is_file() else "model"
+        load_weights(model, ckpt / f"{name}.safetensors")
+    return model
 
 
 class JointObjective:
@@ -157,19 +166,18 @@ def evaluate_joint(model: LatentModel, images: Tensor, ids: Tensor, num_steps: i
 
 
 def latent_task(cfg: LatentRunConfig) -> Task:
-    """Stage 2: train the NDM prior on the frozen VAE's latents, one fresh z0 ~ q(z0|x) per step."""
+    """Stage 2 (cfg.stage = prior): the NDM prior on the frozen VAE's latents, one fresh z0 ~ q(z0|x) per
+    step. Stage 3 (joint): encoder, decoder, theta and phi together on the full model's NELBO."""
     torch.manual_seed(cfg.train.seed)
     model = build_latent_model(cfg)
     dims = cfg.data.channels * cfg.data.image_size**2
-    test: list[tuple[Tensor, Tensor]] = []
+    test_examples = cached_eval_examples(cfg.data, cfg.train.eval_examples)
 
     def stream(start_step: int):
         return train_batches(cfg.data, cfg.train.batch_size, cfg.train.seed, start_step)
 
     def evaluate(m: LatentModel) -> dict[str, float]:
-        if not test:
-            test.append(eval_examples(cfg.data, "test", cfg.train.eval_examples)[:2])
-        images, ids = test[0]
+        images, ids = test_examples()
         return evaluate_joint(m, images, ids, cfg.eval.num_steps, cfg.eval.batch_size, cfg.eval.repeats,
                               cfg.eval.seed, distributed=True)
 
@@ -183,9 +191,17 @@ def latent_task(cfg: LatentRunConfig) -> Task:
         return images
 
     def finish(m: LatentModel, run_dir: Path) -> None:
-        images, ids, skipped = eval_examples(cfg.data, "test", None, 0, 1)
+        images, ids, skipped = eval_examples(cfg.data, "test", cfg.eval.final_examples, 0, 1)
         report = {"nelbo": evaluate_joint(m, images, ids, cfg.eval.num_steps, cfg.eval.batch_size,
                                           cfg.eval.repeats, cfg.eval.seed), "skipped_unreadable": skipped}
         (run_dir / "test_report.json").write_text(json.dumps(report, indent=2) + "\n")
 
-    return Task(model, JointObjective(dims), stream, evaluate, sample, finish=finish)
+    def param_groups(m: nn.Module) -> list[dict]:
+        # Stage 3: separate learning rates for the VAE and the prior, both on the true bound (the
+        # VAE always on the likelihood weighting).
+        raw = m.module if hasattr(m, "module") else m
+        if cfg.stage == "prior":
+            return [{"params": list(raw.ndm.parameters())}]
+        return [{"params": list(raw.vae.parameters()), "lr": cfg.vae_lr}, {"params": list(raw.ndm.parameters())}]
+
+    return Task(model, JointObjective(dims), stream, evaluate, sample, finish=finish, param_groups=param_groups)

@@ -56,6 +56,7 @@ class Task:
     sample: Callable[[nn.Module, torch.Generator], Tensor] | None = None  # -> uint8 images
     sample_nrow: int | None = None  # images per row of the sample grid (default: square)
     finish: Callable[[nn.Module, Path], None] | None = None  # rank 0, after the last step, with the eval model
+    param_groups: Callable[[nn.Module], list[dict]] | None = None  # optimizer groups (default: one, train.lr)
 
 
 class EMA:
@@ -135,7 +136,9 @@ def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path
     # Model, EMA, optimizer, warm-up schedule.
     model = task.model.to(device)
     ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    # Parameter groups may carry their own learning rate (e.g. the VAE and the prior in stage 3).
+    params = task.param_groups(model) if task.param_groups is not None else model.parameters()
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
     # Stepped by hand once per optimizer step (a prepared scheduler steps once per process).
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps)))
     model, optimizer = accelerator.prepare(model, optimizer)

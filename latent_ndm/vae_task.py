@@ -33,7 +33,7 @@ from vae.perceptual import (
 
 from .codec import PixelCodec
 from .config import VAERunConfig
-from .data import eval_examples, train_batches
+from .data import cached_eval_examples, eval_examples, train_batches
 from .evaluate import gather_examples
 from .noise import Noise
 from .train import Task
@@ -169,7 +169,7 @@ def vae_task(cfg: VAERunConfig) -> Task:
         lpips = load_lpips(cfg.loss.lpips_net, cfg.loss.lpips_random_backbone)
     model = VAETrainer(vae, cfg.loss)
     objective = VAEObjective(cfg, lpips)
-    test: list[tuple[Tensor, Tensor]] = []
+    test_examples = cached_eval_examples(cfg.data, cfg.train.eval_examples)
     codec = PixelCodec()
 
     def device_lpips(device: torch.device) -> nn.Module | None:
@@ -179,9 +179,7 @@ def vae_task(cfg: VAERunConfig) -> Task:
         return train_batches(cfg.data, cfg.train.batch_size, cfg.train.seed, start_step)
 
     def evaluate(m: VAETrainer) -> dict[str, float]:
-        if not test:
-            test.append(eval_examples(cfg.data, "test", cfg.train.eval_examples)[:2])
-        images, ids = test[0]
+        images, ids = test_examples()
         return evaluate_vae(m.vae, images, ids, cfg, device_lpips(m.vae.latent_shift.device), distributed=True)
 
     def sample(m: VAETrainer, generator: torch.Generator) -> Tensor:
@@ -199,7 +197,7 @@ def vae_task(cfg: VAERunConfig) -> Task:
         batches = (codec.encode(b.images) for b in train_batches(cfg.data, 256, cfg.train.seed, 0, 0, 1))
         vae_out.fit_latent_stats(batches, max_batches=20)
         vae_out.save_pretrained(run_dir / EXPORT)
-        images, ids, skipped = eval_examples(cfg.data, "test", None, 0, 1)
+        images, ids, skipped = eval_examples(cfg.data, "test", cfg.eval.final_examples, 0, 1)
         report = evaluate_vae(vae_out, images, ids, cfg, device_lpips(vae_out.latent_shift.device))
         report |= {"skipped_unreadable": skipped, "latent_shift": vae_out.latent_shift.tolist(),
                    "latent_scale": vae_out.latent_scale.tolist()}

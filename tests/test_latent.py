@@ -73,7 +73,7 @@ def test_stage_two_trains_the_prior_and_leaves_the_vae_unchanged(tmp_path: Path,
         f"out_dir={tmp_path}", "name=l", f"vae_path={tiny_vae_dir}", f"data.shards={mnist_shards}",
         "data.num_workers=1", "train.steps=40", "train.batch_size=16", "train.warmup_steps=5", "train.log_every=1",
         "train.eval_every=0", "train.sample_every=40", "train.num_samples=4", "train.sample_steps=5",
-        "train.ckpt_every=40", *nets], schema=LatentRunConfig)
+        "train.ckpt_every=40", "eval.final_examples=100", *nets], schema=LatentRunConfig)
     task = latent_task(cfg)
     vae_before = {k: v.clone() for k, v in task.model.vae.state_dict().items()}
     run_dir = train(cfg, task)
@@ -83,6 +83,51 @@ def test_stage_two_trains_the_prior_and_leaves_the_vae_unchanged(tmp_path: Path,
     bpd = [r["bpd"] for r in rows if "bpd" in r]
     assert len(bpd) == 40 and sum(bpd[-5:]) / 5 < sum(bpd[:5]) / 5 - 0.2, bpd
     report = json.loads((run_dir / "test_report.json").read_text())["nelbo"]
-    assert report["num_images"] == 500
+    assert report["num_images"] == 100
     assert report["bpd"] == pytest.approx(sum(report[f"{k}_bpd"] for k in ("decoder", "log_q", "rec", "diff", "prior")))
     assert (run_dir / "samples" / "step_00000040.png").is_file()
+
+
+def test_stage_three_gradients_reach_every_part() -> None:
+    from latent_ndm.latent import JointObjective, LatentModel
+    from latent_ndm.ndm import build_ndm
+
+    torch.manual_seed(0)
+    cfg = load_config("configs/latent_ndm_mnist.yaml", [f"model.{n}.{o}" for n in ("denoiser", "transform_net")
+                                                         for o in ("channels=8", "groups=4")], schema=LatentRunConfig)
+    model = LatentModel(VAE(TINY_VAE), build_ndm(cfg.model, 2, 4), freeze_vae=False)
+    # A transform net whose last layer starts at zero gets no gradient through its inner layers on the
+    # first step; perturb it so every part of F is exercised.
+    with torch.no_grad():
+        for p in model.ndm.transform.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    nats, _ = JointObjective(64)(model, images, Noise.per_example(range(4), "cpu", 0))
+    nats.mean().backward()
+    parts = {"encoder": model.vae.encoder, "decoder": model.vae.decoder, "theta": model.ndm.denoiser,
+             "phi": model.ndm.transform}
+    for name, part in parts.items():
+        grads = [p.grad for p in part.parameters()]
+        assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0, name
+
+
+def test_stages_two_then_three_from_the_command_line(tmp_path: Path, tiny_vae_dir: Path, mnist_shards: Path) -> None:
+    from safetensors.torch import load_file
+
+    from latent_ndm.checkpoint import latest_checkpoint
+    from latent_ndm.cli import main
+
+    nets = [f"model.{n}.{o}" for n in ("denoiser", "transform_net") for o in ("channels=8", "groups=4")]
+    args = ["train_latent", "configs/latent_ndm_mnist.yaml", f"out_dir={tmp_path}", "name=s",
+            f"vae_path={tiny_vae_dir}", f"data.shards={mnist_shards}", "data.num_workers=0", "train.steps=8",
+            "train.batch_size=8", "train.eval_every=0", "train.sample_every=0", "train.ckpt_every=8", *nets,
+            "eval.final_examples=40", "--joint-steps", "4"]
+    assert main(args) == 0
+    two = load_file(latest_checkpoint(tmp_path / "s") / "ema.safetensors")
+    three = load_file(latest_checkpoint(tmp_path / "s_joint") / "model.safetensors")
+    assert json.loads((tmp_path / "s_joint" / "config.json").read_text())["stage"] == "joint"
+    assert torch.equal(two["vae.encoder.conv_in.weight"], load_file(tiny_vae_dir / "model.safetensors")[
+        "encoder.conv_in.weight"])  # stage 2 left the VAE alone
+    assert not torch.equal(two["vae.encoder.conv_in.weight"], three["vae.encoder.conv_in.weight"])  # stage 3 moved it
+    for run in ("s", "s_joint"):
+        assert json.loads((tmp_path / run / "test_report.json").read_text())["nelbo"]["num_images"] == 40

@@ -62,10 +62,9 @@ def joint_nelbo(vae: VAE, prior: nn.Module, images: Tensor, noise: Noise,
     'decoder' = -log p(x|z0), 'log_q' = log q(z0|x), and the prior's own terms (the NDM's 'rec',
     'diff', 'prior'). Their sum is the bound. `prior` is an NDM (or StandardNormalPrior)."""
     x = VAE.from_uint8(images)
-    posterior = vae.encode(x)  # over normalised latents
+    posterior = vae.posterior(x)  # over normalised latents; x is valid by construction
     z0 = posterior.mean + posterior.std * noise.normal(posterior.mean)
-    shape = (1, -1, 1, 1)
-    raw = z0 * vae.latent_scale.view(shape) + vae.latent_shift.view(shape)
+    raw = vae.denormalize(z0)
     if vae.likelihood is None:
         raise ValueError("the full model's bits/dim needs the VAE's discrete decoder (vae.decoder=discrete)")
     decoder = vae.likelihood.nll(vae.decoder_output(raw), x)

@@ -193,14 +193,22 @@ class VAE(nn.Module):
     def encode(self, images: Tensor) -> DiagonalGaussian:
         """q(z | x) over normalised latents for images float [N, C, H, W] in [-1, 1]."""
         self.check_images(images)
+        return self.posterior(images)
+
+    def posterior(self, images: Tensor) -> DiagonalGaussian:
+        """q(z | x) over normalised latents without the input checks (they synchronise with the device:
+        for training loops, on inputs known to be valid)."""
         return self.posterior_raw(images).affine(self.latent_shift, self.latent_scale)
+
+    def denormalize(self, latents: Tensor) -> Tensor:
+        """Normalised latents -> the raw latents the decoder reads."""
+        shape = (1, -1, 1, 1)
+        return latents * self.latent_scale.view(shape) + self.latent_shift.view(shape)
 
     def decode(self, latents: Tensor) -> Tensor:
         """Images float [N, C, H, W] in [-1, 1] from normalised latents."""
         self.check_latents(latents)
-        shape = (1, -1, 1, 1)
-        return self.reconstruction(self.decoder_output(latents * self.latent_scale.view(shape)
-                                                       + self.latent_shift.view(shape)))
+        return self.reconstruction(self.decoder_output(self.denormalize(latents)))
 
     @torch.no_grad()
     def fit_latent_stats(self, batches, max_batches: int | None = None) -> tuple[Tensor, Tensor]:

@@ -14,10 +14,8 @@ import numpy as np
 import torch
 
 from .config import ConfigError, LatentRunConfig, RunConfig, VAERunConfig, load_config
-from .evaluate import evaluate_nelbo
 from .experiment import pixel_task
 from .images import save_grid
-from .likelihood import evaluate_ode_nll
 from .samplers import SAMPLERS, get_sampler
 from .train import train
 
@@ -44,7 +42,7 @@ def _train_command(argv: list[str], prog: str, description: str, example: str, s
     p.add_argument("config", help="YAML file with the settings that differ from the defaults")
     p.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {example}")
     p.add_argument("--allow-config-change", action="store_true", help="resume even if the config changed")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options before or after the overrides
     cfg = load_config(args.config, args.overrides, schema=schema)
     run_dir = train(cfg, make_task(cfg), allow_config_change=args.allow_config_change)
     if PartialState().is_main_process:
@@ -81,7 +79,7 @@ def cmd_train_latent(argv: list[str]) -> int:
     p.add_argument("--joint-steps", type=int, default=None, help="stage 3 steps (default: a quarter of train.steps)")
     p.add_argument("--joint-lr", type=float, default=None, help="stage 3 prior learning rate (default: train.lr / 10)")
     p.add_argument("--allow-config-change", action="store_true", help="resume even if the config changed")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     if not stages or set(stages) - {"prior", "joint"}:
         raise ValueError(f"--stages {args.stages!r}: use prior, joint or prior,joint")
@@ -93,7 +91,8 @@ def cmd_train_latent(argv: list[str]) -> int:
                                    "train_latent_ndm.sh", "", "", LatentRunConfig, latent_task, keep_group=True))
     if "joint" in stages:
         stage2 = Path(cfg.out_dir) / cfg.name
-        joint = [f"name={cfg.name}_joint", "stage=joint", f"init_from={stage2}",
+        # Stage 3 trains the encoder, so it always encodes on the fly (latents= clears pre-encoded ones).
+        joint = [f"name={cfg.name}_joint", "stage=joint", f"init_from={stage2}", "latents=",
                  f"train.steps={args.joint_steps or max(1, cfg.train.steps // 4)}",
                  f"train.lr={args.joint_lr or cfg.train.lr / 10}"]
         runs.append(_train_command([args.config, *args.overrides, *joint]
@@ -102,9 +101,31 @@ def cmd_train_latent(argv: list[str]) -> int:
     return max(runs)
 
 
+def cmd_encode_latents(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="encode_latents.sh", description="Stage 2 data: the frozen VAE's posterior "
+                                "(mean and log-variance of the normalised latents) of every train image, as shards "
+                                "that train_latent_ndm.sh reads with latents=OUT_DIR.")
+    p.add_argument("vae_dir", help="a saved VAE (train_vae.sh exports runs/NAME/vae)")
+    p.add_argument("shards_dir", help="the image shards (make_shards.sh) whose train split to encode")
+    p.add_argument("out_dir", help="where to write train-NNNNNN.tar and manifest.json")
+    p.add_argument("--batch-size", type=int, default=256, help="images per encoder call")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    args = p.parse_args(argv)
+    from .latent_shards import encode_latents
+
+    t0 = time.perf_counter()
+    manifest = encode_latents(args.vae_dir, args.shards_dir, args.out_dir, args.batch_size, args.device, progress=True)
+    train = manifest["splits"]["train"]
+    print(json.dumps({"out_dir": args.out_dir, "count": train["count"], "shards": len(train["shards"]),
+                      "latent_shape": manifest["latent_shape"], "vae": manifest["vae"],
+                      "seconds": round(time.perf_counter() - t0, 2)}, indent=2))
+    return 0
+
+
 def cmd_evaluate(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="evaluate.sh", description="Test-set NELBO and ODE NLL in bits/dim, as JSON.")
-    p.add_argument("path", help="a run directory (train_ndm.sh) or a saved model directory")
+    p = argparse.ArgumentParser(prog="evaluate.sh", description="Test-set NELBO and ODE NLL in bits/dim, as JSON "
+                                "(latent models: the full model's bound in bits per image dimension).")
+    p.add_argument("path", help="a run directory (train_ndm.sh, train_latent_ndm.sh) or a saved model directory")
     p.add_argument("--metrics", default="nelbo", help="comma-separated: nelbo, ode_nll (default: nelbo)")
     p.add_argument("--steps", type=_parse_steps, default=_parse_steps("10,100,1000,continuous"),
                    help="NELBO at these T values and/or 'continuous' (default: 10,100,1000,continuous)")
@@ -112,7 +133,8 @@ def cmd_evaluate(argv: list[str]) -> int:
     p.add_argument("--num-images", type=int, default=None,
                    help="N evenly spaced test images for the NELBO (default: all)")
     p.add_argument("--ode-images", type=int, default=100,
-                   help="N evenly spaced test images for the ODE NLL (slow; default 100)")
+                   help="N evenly spaced test images for the ODE NLL (slow; default 100). Latent models: the "
+                        "bound with the prior's ODE NLL in place of its NELBO")
     p.add_argument("--probes", type=int, default=1, help="Hutchinson probes per image for the ODE NLL")
     p.add_argument("--rtol", type=float, default=1e-5, help="RK45 relative tolerance for the ODE NLL")
     p.add_argument("--atol", type=float, default=1e-5, help="RK45 absolute tolerance for the ODE NLL")
@@ -125,9 +147,9 @@ def cmd_evaluate(argv: list[str]) -> int:
     if unknown:
         raise ValueError(f"unknown metric(s) {sorted(unknown)}; choose from nelbo, ode_nll")
     from .data import eval_examples, open_split
-    from .pipeline import NDMPipeline
+    from .pipeline import LatentNDMPipeline, load_pipeline
 
-    pipe = NDMPipeline.from_pretrained(args.path, ema=not args.no_ema)
+    pipe = load_pipeline(args.path, ema=not args.no_ema)
     cfg = pipe.config
     if args.shards:
         cfg.data.shards, cfg.data.test_urls = args.shards, ""
@@ -140,14 +162,16 @@ def cmd_evaluate(argv: list[str]) -> int:
         report["nelbo"] = {"num_images": len(images), "repeats": repeats, "skipped_unreadable": bad}
         for T in args.steps:
             t0 = time.perf_counter()
-            res = evaluate_nelbo(pipe.model, images, pipe.codec, T, cfg.eval.batch_size, repeats, cfg.eval.seed,
-                                 progress=True, ids=ids)
+            res = pipe.nelbo_bpd(images, T, repeats, cfg.eval.seed, ids=ids, batch_size=cfg.eval.batch_size,
+                                 progress=True)
             res["seconds"] = round(time.perf_counter() - t0, 2)
             report["nelbo"]["continuous" if T == 0 else f"T={T}"] = res
     if "ode_nll" in metrics:
-        report["ode_nll"] = evaluate_ode_nll(pipe.model, eval_examples(cfg.data, "test", args.ode_images, 0, 1)[0],
-                                             pipe.codec, probes=args.probes,
-                                             seed=cfg.eval.seed, rtol=args.rtol, atol=args.atol, progress=True)
+        images, ids, _ = eval_examples(cfg.data, "test", args.ode_images, 0, 1)
+        # A latent model keys each image's z0 by its id, as its NELBO does.
+        extra = {"ids": ids} if isinstance(pipe, LatentNDMPipeline) else {}
+        report["ode_nll"] = pipe.ode_nll_bpd(images, args.probes, args.rtol, args.atol, cfg.eval.seed,
+                                             progress=True, **extra)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
@@ -157,8 +181,9 @@ def cmd_evaluate(argv: list[str]) -> int:
 
 
 def cmd_sample(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="sample.sh", description="Samples from a trained model as a PNG grid and .npz.")
-    p.add_argument("path", help="a run directory (train_ndm.sh) or a saved model directory")
+    p = argparse.ArgumentParser(prog="sample.sh", description="Samples from a trained model (pixel or latent) as a "
+                                "PNG grid and .npz.")
+    p.add_argument("path", help="a run directory (train_ndm.sh, train_latent_ndm.sh) or a saved model directory")
     p.add_argument("--num", "-n", type=int, default=64, help="number of samples")
     p.add_argument("--sampler", default="ancestral", help=f"one of {', '.join(SAMPLERS)}")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: T, or 100 in continuous time)")
@@ -167,10 +192,10 @@ def cmd_sample(argv: list[str]) -> int:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: PATH/samples)")
     args = p.parse_args(argv)
-    from .pipeline import NDMPipeline
+    from .pipeline import load_pipeline
 
     get_sampler(args.sampler)  # a clear error for a wrong name before loading anything
-    pipe = NDMPipeline.from_pretrained(args.path, ema=not args.no_ema)
+    pipe = load_pipeline(args.path, ema=not args.no_ema)
     out = args.out or Path(args.path) / "samples"
     t0 = time.perf_counter()
     images = pipe.sample(args.num, args.sampler, args.steps, torch.Generator().manual_seed(args.seed), args.batch_size)
@@ -216,7 +241,8 @@ def cmd_pictures(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "train_vae": cmd_train_vae, "train_latent": cmd_train_latent,
-            "evaluate": cmd_evaluate, "sample": cmd_sample, "pictures": cmd_pictures}
+            "encode_latents": cmd_encode_latents, "evaluate": cmd_evaluate, "sample": cmd_sample,
+            "pictures": cmd_pictures}
 
 
 def main(argv: list[str] | None = None) -> int:

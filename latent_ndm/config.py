@@ -33,19 +33,36 @@ class ScheduleConfig:
     learned_hidden: int = 1024  # width of the learned schedule's monotone network
 
 
+# The NetConfig fields that each network architecture takes (latent_ndm.networks.build_net).
+NET_ARCH_KEYS: dict[str, tuple[str, ...]] = {
+    "unet": ("channels", "channel_mult", "num_res_blocks", "attn_resolutions", "num_heads", "dropout", "groups"),
+    "dit": ("patch_size", "hidden", "depth", "heads", "mlp_ratio", "dropout"),
+}
+
+
 @dataclass
 class NetConfig:
-    size: str = "mnist"  # a preset of latent_ndm.unet.UNET_SIZES; the fields below override it
+    arch: str = "unet"  # unet (latent_ndm.unet) | dit (latent_ndm.dit, a transformer over patches)
+    size: str = "mnist"  # a preset of UNET_SIZES (arch=unet) or DIT_SIZES (arch=dit); the fields below override it
+    dropout: float | None = None  # both archs
+    # arch=unet only
     channels: int | None = None
     channel_mult: tuple[int, ...] | None = None
     num_res_blocks: int | None = None
     attn_resolutions: tuple[int, ...] | None = None
     num_heads: int | None = None
-    dropout: float | None = None
     groups: int | None = None
+    # arch=dit only
+    patch_size: int | None = None  # must divide the image (or latent) size
+    hidden: int | None = None  # token width
+    depth: int | None = None  # transformer blocks
+    heads: int | None = None
+    mlp_ratio: float | None = None
 
     def overrides(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "size" and v is not None}
+        """The fields set (not None) that `arch` takes, as keyword overrides of its preset."""
+        keys = NET_ARCH_KEYS.get(self.arch, ())
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 @dataclass
@@ -59,6 +76,10 @@ class ModelConfig:
     is_bins: int = 100  # bins of the piecewise-constant proposal
     is_decay: float = 0.99  # EMA decay of the per-bin second moments that set the proposal
     is_uniform_mix: float = 0.1  # proposal = (1-m) * learned + m * uniform, keeps 1/p(t) bounded
+    theta_weighting: str = "elbo"  # elbo | eps_mse: theta alone trains on the eps-MSE reweighting of the
+    # diffusion term (sample quality); phi, the schedule and a VAE stay on the bound, the reported loss is the bound
+    mixing: bool = False  # LSGM's mixed prediction: xhat = (1-a) alpha_t z_t + a xhat_net, a per channel, learned
+    mixing_logit_init: float = -6.0  # logit of a at initialisation (LSGM's value: mostly the N(0, I) optimum)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     denoiser: NetConfig = field(default_factory=NetConfig)
     transform_net: NetConfig = field(default_factory=NetConfig)
@@ -144,6 +165,11 @@ class LatentRunConfig:
     stage: str = "prior"  # prior: stage 2, the VAE frozen | joint: stage 3, every part trained end to end
     init_from: str = ""  # a run directory (e.g. stage 2's) whose latest EMA weights start this run
     vae_lr: float = 1.0e-4  # stage 3: the VAE's learning rate (the prior uses train.lr)
+    freeze_vae: bool = False  # stage 3 with the VAE kept frozen (stage 2 always freezes it)
+    kl_anneal_steps: int = 0  # stage 3 (ignored in stage 2): the VAE's weight of log q + prior NELBO rises to 1
+    kl_anneal_start: float = 0.1  # ... from this value (LSGM's KL annealing); 0 steps = always 1
+    latents: str = ""  # stage 2 only: train on posteriors pre-encoded by scripts/encode_latents.sh (that folder)
+    # instead of encoding every batch; "" = encode on the fly. Evaluation still encodes the test images.
     model: ModelConfig = field(default_factory=lambda: ModelConfig(likelihood="gaussian"))
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -315,11 +341,21 @@ def validate(cfg: RunConfig | VAERunConfig | LatentRunConfig) -> None:
             raise ConfigError("model.likelihood must be 'gaussian' for a latent prior (its data are latents)")
         if cfg.stage not in ("prior", "joint"):
             raise ConfigError(f"stage = {cfg.stage!r}; choose prior (stage 2) or joint (stage 3)")
+        if cfg.kl_anneal_steps < 0 or not 0.0 <= cfg.kl_anneal_start <= 1.0:
+            raise ConfigError("kl_anneal_steps must be >= 0 and kl_anneal_start in [0, 1]")
+        if cfg.kl_anneal_steps and cfg.stage == "joint" and cfg.freeze_vae:
+            raise ConfigError("KL annealing weights the VAE's objective: it cannot apply with freeze_vae=true")
+        if cfg.latents and cfg.stage != "prior":
+            raise ConfigError(f"latents={cfg.latents} (pre-encoded posteriors) needs stage=prior: in stage 3 the "
+                              "encoder trains, so stored posteriors would be stale (set latents= to encode on the fly)")
+        if cfg.latents and cfg.data.hflip:
+            raise ConfigError("data.hflip flips images, but pre-encoded latents (latents=...) are of unflipped images")
     choices = {
         "model.transform": (m.transform, ("neural", "identity")),
         "model.parameterization": (m.parameterization, ("eps", "x")),
         "model.likelihood": (m.likelihood, ("discrete8bit", "gaussian")),
         "model.fdot": (m.fdot, ("jvp", "forward_ad", "fd")),
+        "model.theta_weighting": (m.theta_weighting, ("elbo", "eps_mse")),
         "model.schedule.kind": (m.schedule.kind, ("linear", "cosine", "learned")),
     }
     for key, (value, allowed) in choices.items():
@@ -331,6 +367,28 @@ def validate(cfg: RunConfig | VAERunConfig | LatentRunConfig) -> None:
         raise ConfigError("model.schedule.gamma_min must be below gamma_max")
     if m.transform == "neural" and (m.transform_net.dropout or 0.0) > 0:
         raise ConfigError("model.transform_net.dropout must be 0: F must be deterministic (see ndm.build_ndm)")
+    # A latent prior's networks see latents, whose size depends on the saved VAE: build_dit checks it there.
+    image_size = None if isinstance(cfg, LatentRunConfig) else cfg.data.image_size
+    _validate_net(m.denoiser, "model.denoiser", image_size)
+    _validate_net(m.transform_net, "model.transform_net", image_size)
+
+
+def _validate_net(net: NetConfig, where: str, image_size: int | None) -> None:
+    if net.arch not in NET_ARCH_KEYS:
+        raise ConfigError(f"{where}.arch = {net.arch!r}; choose one of {', '.join(NET_ARCH_KEYS)}")
+    foreign = [f.name for f in dataclasses.fields(net)
+               if f.name not in ("arch", "size", *NET_ARCH_KEYS[net.arch]) and getattr(net, f.name) is not None]
+    if foreign:
+        raise ConfigError(f"{where}.{foreign[0]} does not apply to arch={net.arch}; "
+                          f"its fields are {', '.join(NET_ARCH_KEYS[net.arch])}")
+    if net.arch == "dit":
+        from .dit import DIT_SIZES  # imported here: timm is slow to import and U-Net runs do not need it
+
+        if net.size not in DIT_SIZES:
+            raise ConfigError(f"{where}.size = {net.size!r} is not a DiT preset; choose one of {', '.join(DIT_SIZES)}")
+        patch = net.patch_size if net.patch_size is not None else DIT_SIZES[net.size]["patch_size"]
+        if image_size is not None and (patch < 1 or image_size % patch):
+            raise ConfigError(f"{where}.patch_size = {patch} must divide data.image_size = {image_size}")
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -53,7 +53,7 @@ def open_split(cfg: DataConfig, split: str) -> SplitShards:
 class Batch:
     """One process's part of a global training batch: its lanes' chunks, in lane order."""
 
-    images: Tensor  # uint8 [B / W, C, H, W]
+    images: Tensor  # uint8 [B / W, C, H, W]; or float32 [B / W, 2c, h, w] posterior parameters (latent shards)
     ids: Tensor  # int64 [B / W]: each image's index in the train split
     lanes: list[int]
     chunk: int  # samples per lane per step
@@ -136,10 +136,12 @@ def lane_layout(cfg: DataConfig, batch_size: int, world: int) -> tuple[int, int]
 
 
 def train_batches(cfg: DataConfig, batch_size: int, seed: int, start_step: int = 0,
-                  rank: int | None = None, world: int | None = None) -> Iterator[Batch]:
+                  rank: int | None = None, world: int | None = None,
+                  shards: SplitShards | None = None) -> Iterator[Batch]:
     """This process's part of the global batch of steps start_step, start_step + 1, ... (forever).
 
-    batch_size is global; rank and world default to the current process group.
+    batch_size is global; rank and world default to the current process group. shards: the split to
+    stream (default: cfg's train images; e.g. pre-encoded latents, latent_ndm.latent_shards).
     """
     if rank is None or world is None:
         rank, world = process_group()
@@ -152,7 +154,8 @@ def train_batches(cfg: DataConfig, batch_size: int, seed: int, start_step: int =
     if 0 < workers < cfg.num_workers:
         warnings.warn(f"using {workers} of data.num_workers={cfg.num_workers} decoding workers: this process holds "
                       f"{len(mine)} lanes and workers must share them equally (raise data.lanes)", stacklevel=2)
-    dataset = LaneStream(open_split(cfg, "train"), mine, chunk, seed, start_step, cfg.hflip, cfg.strict)
+    shards = open_split(cfg, "train") if shards is None else shards
+    dataset = LaneStream(shards, mine, chunk, seed, start_step, cfg.hflip, cfg.strict)
     source = iter(DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
                              prefetch_factor=cfg.prefetch if workers else None))
     pending: dict[tuple[int, int], dict] = {}

@@ -57,13 +57,17 @@ def ode_nll(
     dequantize: bool | None = None,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    probe_vectors: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """-log p(x) in nats per example [B] (float64), and {'nfe', 'steps'} of the solve.
 
     x: data in model space. For 8-bit data (dequantize defaults to the discrete likelihood) x is
     dequantised uniformly within its bin of width 2/256: the result is then a density on [-1, 1]^D,
-    and bits/dim on the 0..255 scale are nats/(D ln 2) + 7 (see `nll_bits_per_dim`).
+    and bits/dim on the 0..255 scale are nats/(D ln 2) + 7 (see `nll_bits_per_dim`). Continuous data
+    (latents) are not dequantised: the result is their density.
     z_0 = alpha_0 x (its sigma_0 noise, ~1e-3 here, is neglected as in VDM and score-SDE likelihoods).
+    probe_vectors: Hutchinson probes [K, B, ...] to use instead of drawing `probes` of `probe_kind`
+    from `generator` (e.g. keyed per example).
     """
     was_training = ndm.training
     ndm.eval()
@@ -75,7 +79,8 @@ def ode_nll(
     zeros = torch.zeros(b, dtype=torch.float64, device=device)
     alpha_0, _ = P.alpha_sigma(ndm.gamma(zeros))
     z0 = P.expand(alpha_0, x) * x
-    eps = _probes(x.shape, probes, probe_kind, generator, device)  # [K, B, ...]
+    eps = _probes(x.shape, probes, probe_kind, generator, device) if probe_vectors is None \
+        else probe_vectors.to(device, x.dtype)  # [K, B, ...]
     dims = x[0].numel()
     counter = {"nfe": 0}
 
@@ -113,16 +118,22 @@ def evaluate_ode_nll(
     atol: float = 1e-5,
     progress: bool = False,
 ) -> dict[str, float]:
-    """ODE NLL in bits/dim over uint8 `images`: mean, standard error, NFE per batch and seconds per image."""
+    """ODE NLL in bits/dim over uint8 `images`: mean, standard error, NFE per batch and seconds per image.
+
+    For 8-bit pixel codecs; a latent model's bits/dim of the images is `latent.evaluate_joint_ode`.
+    """
+    if codec.likelihood != "discrete8bit":
+        raise ValueError("evaluate_ode_nll is for pixel models; a latent model's ODE bound is "
+                         "latent_ndm.latent.evaluate_joint_ode (bits per image dimension)")
     device = ndm.device
     generator = torch.Generator(device).manual_seed(seed)
-    dequantized = ndm.likelihood == "discrete8bit"
     bpd, nfes = [], []
     t0 = time.perf_counter()
     for start in tqdm(range(0, len(images), batch_size), desc="ode nll", disable=not progress, leave=False):
         x = codec.encode(images[start : start + batch_size].to(device))
-        nats, info = ode_nll(ndm, x, generator, probes, rtol=rtol, atol=atol)
-        bpd.append(nll_bits_per_dim(nats, x[0].numel(), dequantized).cpu())
+        # 8-bit data are dequantised whatever p(x|z_0) the model was trained with.
+        nats, info = ode_nll(ndm, x, generator, probes, dequantize=True, rtol=rtol, atol=atol)
+        bpd.append(nll_bits_per_dim(nats, x[0].numel(), dequantized=True).cpu())
         nfes.append(info["nfe"])
     seconds = time.perf_counter() - t0
     all_bpd = torch.cat(bpd)

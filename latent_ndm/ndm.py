@@ -12,11 +12,11 @@ from torch import Tensor, nn
 
 from . import process as P
 from .config import ModelConfig
+from .networks import build_net
 from .noise import Noise
 from .schedules import Schedule, build_schedule
 from .timesteps import ImportanceSampler
 from .transforms import IdentityTransform, NeuralTransform, Transform
-from .unet import build_unet
 
 
 class Denoiser(nn.Module):
@@ -24,20 +24,33 @@ class Denoiser(nn.Module):
 
     With eps, xhat = (z_t - sigma_t eps_hat) / alpha_t. Any function of (z_t, t) is a valid xhat, so
     both give an exact NELBO; they differ in how well-conditioned the network's target is.
+
+    mixing_channels > 0 adds LSGM's mixed prediction (Vahdat et al., 2021, Sec. 3.2): with a learnable
+    per-channel a = sigmoid(logit), xhat = (1 - a) alpha_t z_t + a xhat_net. alpha_t z_t = E[x | z_t] is the
+    optimal prediction when the data are N(0, I) and F is the identity, which a latent prior trained
+    against a VAE's N(0, I)-regularised latents starts close to; in eps terms it is LSGM's
+    eps = (1 - a) sigma_t z_t + a eps_net, the same mixture.
     """
 
-    def __init__(self, net: nn.Module, parameterization: str = "eps"):
+    def __init__(self, net: nn.Module, parameterization: str = "eps", mixing_channels: int = 0,
+                 mixing_logit_init: float = -6.0):
         super().__init__()
         if parameterization not in ("eps", "x"):
             raise ValueError(f"parameterization must be 'eps' or 'x', got {parameterization!r}")
         self.net, self.parameterization = net, parameterization
+        self.mixing_logit = nn.Parameter(torch.full((mixing_channels,), mixing_logit_init)) if mixing_channels else None
 
     def forward(self, z: Tensor, t: Tensor, gamma: Tensor) -> Tensor:
         out = self.net(z, t.to(z.dtype))
-        if self.parameterization == "x":
-            return out
         alpha, sigma = P.alpha_sigma(gamma)
-        return (z - P.expand(sigma, z) * out) / P.expand(alpha, z)
+        xhat = out if self.parameterization == "x" else (z - P.expand(sigma, z) * out) / P.expand(alpha, z)
+        if self.mixing_logit is None:
+            return xhat
+        a = torch.sigmoid(self.mixing_logit).to(xhat.dtype).reshape(1, -1, *([1] * (z.dim() - 2)))
+        return (1 - a) * (P.expand(alpha, z) * z) + a * xhat
+
+
+THETA_WEIGHTINGS = ("elbo", "eps_mse")
 
 
 class NDM(nn.Module):
@@ -52,8 +65,11 @@ class NDM(nn.Module):
         num_steps: int = 0,
         time_sampler: ImportanceSampler | None = None,
         data_shape: tuple[int, ...] | None = None,
+        theta_weighting: str = "elbo",
     ):
         super().__init__()
+        if theta_weighting not in THETA_WEIGHTINGS:
+            raise ValueError(f"theta_weighting must be one of {', '.join(THETA_WEIGHTINGS)}, got {theta_weighting!r}")
         if likelihood not in ("discrete8bit", "gaussian"):
             raise ValueError(f"likelihood must be 'discrete8bit' or 'gaussian', got {likelihood!r}")
         if num_steps < 0:
@@ -61,6 +77,7 @@ class NDM(nn.Module):
         self.schedule, self.transform, self.denoiser = schedule, transform, denoiser
         self.likelihood, self.num_steps, self.time_sampler = likelihood, num_steps, time_sampler
         self.data_shape = data_shape  # one example's shape [C, H, W], for samplers
+        self.theta_weighting = theta_weighting
 
     def forward(
         self, x: Tensor, noise: Noise | torch.Generator | None = None, num_steps: int | None = None
@@ -169,33 +186,53 @@ class NDM(nn.Module):
             s = ((t * num_steps).round() - 1) / num_steps
             gamma_t, gamma_s = self.gamma(t), self.gamma(s)
             (f_xt,) = self.transform_many([(x, t)])
-            xh = self.denoiser(P.marginal_sample(f_xt, gamma_t, eps), t, gamma_t)
+            xh = self._denoise_for_loss(P.marginal_sample(f_xt, gamma_t, eps), t, gamma_t,
+                                        lambda: num_steps * (gamma_t - gamma_s))
             f_xs, f_hs, f_ht = self.transform_many([(x, s), (xh, s), (xh, t)])
             return num_steps * P.diffusion_kl(f_xs - f_hs, f_xt - f_ht, gamma_s, gamma_t)
         gamma_t, dgamma_t = self.schedule.gamma_and_derivative(t)
         f_x, fdot_x = self.transform.value_and_time_derivative(x, t)
-        xh = self.denoiser(P.marginal_sample(f_x, gamma_t, eps), t, gamma_t)
+        xh = self._denoise_for_loss(P.marginal_sample(f_x, gamma_t, eps), t, gamma_t, lambda: dgamma_t)
         # dF(xhat, t)/dt holds xhat fixed (a partial derivative), yet gradients still reach theta.
         f_h, fdot_h = self.transform.value_and_time_derivative(xh, t)
         return P.diffusion_loss_continuous(f_x - f_h, fdot_x - fdot_h, gamma_t, dgamma_t)
 
+    def _denoise_for_loss(self, z: Tensor, t: Tensor, gamma: Tensor, gamma_rate) -> Tensor:
+        """xhat for the loss. With theta_weighting = 'eps_mse' the gradient that reaches theta is that of
+        the loss reweighted per example by r = (gamma(1) - gamma(0)) / gamma'(t) (its discrete analogue:
+        gamma_rate = T (gamma(t) - gamma(s))), i.e. the likelihood weighting 1/2 gamma' ||eps - eps_hat||^2
+        of F = identity turned into DDPM's unweighted eps-MSE, normalised so that r averages 1 over t for
+        any schedule (r = 1 exactly for the linear one). theta enters the loss only through xhat, so
+        scaling xhat's gradient by r reweights theta; the scale 1/r on z_t's gradient undoes it on every
+        other path through the denoiser (phi via F(x, t), the schedule, a stage-3 encoder), so phi, the
+        schedule and the VAE still follow the true NELBO. Forward values are unchanged: the reported loss
+        stays the bound (SPEC.md: a reweighted loss is allowed for theta only)."""
+        if self.theta_weighting == "elbo" or not torch.is_grad_enabled():
+            return self.denoiser(z, t, gamma)
+        ones = torch.ones_like(t)
+        span = (self.gamma(ones) - self.gamma(torch.zeros_like(t))).detach()
+        r = (span / gamma_rate().detach()).to(z.dtype)
+        # Every input's gradient scaled by 1/r, the output's by r: only theta's own gradient changes.
+        return P.scale_grad(self.denoiser(P.scale_grad(z, 1 / r), t, P.scale_grad(gamma, 1 / r)), r)
+
 
 def build_ndm(cfg: ModelConfig, channels: int, image_size: int) -> NDM:
-    """An NDM from its config: U-Nets from the registry for the denoiser and for NN inside F."""
+    """An NDM from its config: networks (U-Net or DiT) from the registry for the denoiser and for NN inside F."""
     denoiser = Denoiser(
-        build_unet(cfg.denoiser.size, channels, channels, image_size, **cfg.denoiser.overrides()),
+        build_net(cfg.denoiser, channels, channels, image_size),
         cfg.parameterization,
+        mixing_channels=channels if cfg.mixing else 0,
+        mixing_logit_init=cfg.mixing_logit_init,
     )
     if cfg.transform == "identity":
         transform: Transform = IdentityTransform()
     else:
         # F must be deterministic: F(x, .) and F(xhat, .) are separate evaluations whose difference is the
         # loss, and independent dropout masks would add an O(1) term that T/v or SNR/gamma' amplifies.
-        overrides = cfg.transform_net.overrides() | {"dropout": 0.0}
-        net = build_unet(cfg.transform_net.size, channels, channels, image_size, **overrides)
+        net = build_net(cfg.transform_net, channels, channels, image_size, dropout=0.0)
         transform = NeuralTransform(net, cfg.fdot)
     sampler = None
     if cfg.num_steps == 0 and cfg.importance_sampling:
         sampler = ImportanceSampler(cfg.is_bins, cfg.is_decay, cfg.is_uniform_mix)
     return NDM(build_schedule(cfg.schedule), transform, denoiser, cfg.likelihood, cfg.num_steps, sampler,
-               (channels, image_size, image_size))
+               (channels, image_size, image_size), cfg.theta_weighting)

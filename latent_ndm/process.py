@@ -24,6 +24,23 @@ def sum_except_batch(x: Tensor) -> Tensor:
     return x.flatten(1).sum(1)
 
 
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor) -> Tensor:
+        ctx.save_for_backward(scale)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (scale,) = ctx.saved_tensors
+        return grad * expand(scale, grad), None
+
+
+def scale_grad(x: Tensor, scale: Tensor) -> Tensor:
+    """x unchanged; its gradient multiplied by a per-example scale [B] (reweights one path of a loss)."""
+    return _ScaleGrad.apply(x, scale)
+
+
 def alpha_sigma(gamma: Tensor) -> tuple[Tensor, Tensor]:
     """alpha_t, sigma_t of the variance-preserving process."""
     return torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt()

@@ -3,7 +3,8 @@
 `python -m latent_ndm.shards SOURCE OUT_DIR [options]` (scripts/make_shards.sh) writes
 OUT_DIR/{train,test}-000000.tar ... and OUT_DIR/manifest.json (counts, shape, dtype, channels,
 source, split, shard names, per-shard counts). Reading decodes every sample to a uint8 tensor
-[C, H, W]. A sample that does not decode or a damaged shard is skipped with a warning and counted
+[C, H, W] (shards of pre-encoded latents, latent_ndm.latent_shards: a float32 array from an .npy
+payload). A sample that does not decode or a damaged shard is skipped with a warning and counted
 (strict=True makes it fatal); a sample of the wrong shape or channel count stops at once, naming the
 shard and the key. The training stream and the evaluation pass built on this are in latent_ndm.data.
 """
@@ -149,8 +150,15 @@ def shard_samples(url: str, stats: ReadStats) -> Iterator[dict]:
 
 
 def decode_sample(sample: dict, shape: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
-    """(uint8 image [C, H, W], label); a wrong shape raises ShardFormatError naming shard and key."""
+    """(uint8 image [C, H, W], label) from a PNG payload, or (float32 array, label) from an .npy one
+    (pre-encoded latents, latent_ndm.latent_shards); a wrong shape raises ShardFormatError naming shard and key."""
     where = f"shard {sample.get('__url__', '?')}, key {sample.get('__key__', '?')}"
+    if "npy" in sample:
+        arr = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
+        if arr.dtype != np.float32 or tuple(arr.shape) != tuple(shape):
+            raise ShardFormatError(f"{where}: array is {arr.dtype} {list(arr.shape)} but the manifest says "
+                                   f"float32 {list(shape)}")
+        return torch.from_numpy(arr.copy()), int(sample.get("cls", -1))  # np.load of bytes is read-only
     with Image.open(io.BytesIO(sample["png"])) as im:
         if im.mode in ("1", "P"):  # bilevel and palette images (from other writers) as 8-bit grey / RGB
             im = im.convert("L" if im.mode == "1" else "RGB")

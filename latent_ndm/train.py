@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import ConfigError, RunConfig, config_diff, to_dict
+from .config import ConfigError, RunConfig, config_diff, from_dict, to_dict
 from .data import Batch
 from .images import save_grid
 from .noise import Noise, derive_seed
@@ -106,7 +106,12 @@ def _check_config(run_dir: Path, cfg: RunConfig, allow_change: bool) -> None:
     saved = run_dir / "config.json"
     if not saved.exists():
         return
-    diff = config_diff(json.loads(saved.read_text()), to_dict(cfg))
+    old = json.loads(saved.read_text())
+    try:  # keys added since the run started take their defaults, which is what the run used
+        old = to_dict(from_dict(type(cfg), old))
+    except ConfigError:
+        pass  # a key that no longer exists: the raw comparison below names it
+    diff = config_diff(old, to_dict(cfg))
     blocking = [d for d in diff if not d.startswith(RESUMABLE_KEYS)]
     if blocking and not allow_change:
         raise ConfigError(

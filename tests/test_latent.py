@@ -88,46 +88,40 @@ def test_stage_two_trains_the_prior_and_leaves_the_vae_unchanged(tmp_path: Path,
     assert (run_dir / "samples" / "step_00000040.png").is_file()
 
 
-def test_stage_three_gradients_reach_every_part() -> None:
-    from latent_ndm.latent import JointObjective, LatentModel
-    from latent_ndm.ndm import build_ndm
-
-    torch.manual_seed(0)
-    cfg = load_config("configs/latent_ndm_mnist.yaml", [f"model.{n}.{o}" for n in ("denoiser", "transform_net")
-                                                         for o in ("channels=8", "groups=4")], schema=LatentRunConfig)
-    model = LatentModel(VAE(TINY_VAE), build_ndm(cfg.model, 2, 4), freeze_vae=False)
-    # A transform net whose last layer starts at zero gets no gradient through its inner layers on the
-    # first step; perturb it so every part of F is exercised.
-    with torch.no_grad():
-        for p in model.ndm.transform.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
-    nats, _ = JointObjective(64)(model, images, Noise.per_example(range(4), "cpu", 0))
-    nats.mean().backward()
-    parts = {"encoder": model.vae.encoder, "decoder": model.vae.decoder, "theta": model.ndm.denoiser,
-             "phi": model.ndm.transform}
-    for name, part in parts.items():
-        grads = [p.grad for p in part.parameters()]
-        assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0, name
-
-
-def test_stages_two_then_three_from_the_command_line(tmp_path: Path, tiny_vae_dir: Path, mnist_shards: Path) -> None:
+def test_end_to_end_stages_one_to_three_and_sampling_from_the_command_line(tmp_path: Path,
+                                                                          mnist_shards: Path) -> None:
+    import numpy as np
     from safetensors.torch import load_file
 
     from latent_ndm.checkpoint import latest_checkpoint
     from latent_ndm.cli import main
+    from latent_ndm.pipeline import LatentNDMPipeline
 
+    small = ["data.num_workers=0", "train.batch_size=8", "train.eval_every=0", "train.sample_every=0",
+             "eval.final_examples=40", f"data.shards={mnist_shards}", f"out_dir={tmp_path}"]
+    # Stage 1: the VAE, exported to runs/v/vae with its latent statistics.
+    assert main(["train_vae", "configs/vae_mnist.yaml", "name=v", "vae.channels=8", "vae.groups=4",
+                 "vae.num_mixtures=2", "train.steps=4", "train.ckpt_every=4", *small]) == 0
+    vae_dir = tmp_path / "v" / "vae"
+    # Stages 2 and 3 from that VAE.
     nets = [f"model.{n}.{o}" for n in ("denoiser", "transform_net") for o in ("channels=8", "groups=4")]
-    args = ["train_latent", "configs/latent_ndm_mnist.yaml", f"out_dir={tmp_path}", "name=s",
-            f"vae_path={tiny_vae_dir}", f"data.shards={mnist_shards}", "data.num_workers=0", "train.steps=8",
-            "train.batch_size=8", "train.eval_every=0", "train.sample_every=0", "train.ckpt_every=8", *nets,
-            "eval.final_examples=40", "--joint-steps", "4"]
-    assert main(args) == 0
+    assert main(["train_latent", "configs/latent_ndm_mnist.yaml", "name=s", f"vae_path={vae_dir}", "train.steps=8",
+                 "train.ckpt_every=8", "model.mixing=true", *nets, *small, "--joint-steps", "4"]) == 0
     two = load_file(latest_checkpoint(tmp_path / "s") / "ema.safetensors")
     three = load_file(latest_checkpoint(tmp_path / "s_joint") / "model.safetensors")
     assert json.loads((tmp_path / "s_joint" / "config.json").read_text())["stage"] == "joint"
-    assert torch.equal(two["vae.encoder.conv_in.weight"], load_file(tiny_vae_dir / "model.safetensors")[
+    assert torch.equal(two["vae.encoder.conv_in.weight"], load_file(vae_dir / "model.safetensors")[
         "encoder.conv_in.weight"])  # stage 2 left the VAE alone
     assert not torch.equal(two["vae.encoder.conv_in.weight"], three["vae.encoder.conv_in.weight"])  # stage 3 moved it
-    for run in ("s", "s_joint"):
-        assert json.loads((tmp_path / run / "test_report.json").read_text())["nelbo"]["num_images"] == 40
+    for run in ("v", "s", "s_joint"):
+        report = json.loads((tmp_path / run / "test_report.json").read_text())
+        assert report.get("nelbo", report)["num_images"] == 40 and math.isfinite(report.get("nelbo", report)["bpd"])
+    # Sampling the final model: the CLI's .npz equals the Python API's samples for the same seed.
+    assert main(["sample", str(tmp_path / "s_joint"), "--num", "4", "--steps", "5", "--seed", "3",
+                 "--out", str(tmp_path / "grid")]) == 0
+    saved = np.load(tmp_path / "grid" / "ancestral_steps5_seed3.npz")["images"]
+    assert (tmp_path / "grid" / "ancestral_steps5_seed3.png").is_file()
+    pipe = LatentNDMPipeline.from_pretrained(tmp_path / "s_joint")
+    again = pipe.sample(4, "ancestral", 5, torch.Generator().manual_seed(3))
+    assert saved.dtype == np.uint8 and saved.shape == (4, 1, 28, 28)
+    assert torch.equal(torch.from_numpy(saved), again)

@@ -70,6 +70,12 @@ def test_resume_is_exact(tmp_path: Path, mnist_shards: Path) -> None:
 def test_resume_with_a_different_model_is_refused(tmp_path: Path, mnist_shards: Path) -> None:
     cfg = tiny(tmp_path, "r", "train.steps=2", "train.ckpt_every=2", shards=mnist_shards)
     train(cfg, pixel_task(cfg))
+    # A key added to the configs after the run started (here: as if model.mixing were new) is not a change.
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    del saved["model"]["mixing"]
+    (tmp_path / "r" / "config.json").write_text(json.dumps(saved))
+    longer = tiny(tmp_path, "r", "train.steps=3", "train.ckpt_every=3", shards=mnist_shards)
+    train(longer, pixel_task(longer))
     other = tiny(tmp_path, "r", "train.steps=4", "model.num_steps=10", shards=mnist_shards)
     try:
         train(other, pixel_task(other))

@@ -6,11 +6,11 @@
 #      (configs/latent_ndm_mnist.yaml);
 #   4. a sample grid from the final model and a bits/dim report of every stage on the same 500 test
 #      images (runs/quickstart/bpd.json).
-#   scripts/quickstart.sh [VAE_STEPS [PRIOR_STEPS [JOINT_STEPS]]]     (default 600 400 100)
+#   scripts/quickstart.sh [VAE_STEPS [PRIOR_STEPS [JOINT_STEPS]]]     (default 500 300 100)
 source "$(dirname "$0")/_env.sh"
 set -euo pipefail
-VAE_STEPS="${1:-600}"
-PRIOR_STEPS="${2:-400}"
+VAE_STEPS="${1:-500}"
+PRIOR_STEPS="${2:-300}"
 JOINT_STEPS="${3:-100}"
 OUT=runs/quickstart
 SHARDS=data/mnist5k

@@ -61,6 +61,22 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def run_weights(run_dir: str | Path, ema: bool = True) -> Path:
+    """The weights file of a run's latest complete checkpoint: its EMA weights unless ema=False (or absent)."""
+    ckpt = latest_checkpoint(Path(run_dir))
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint under checkpoints/")
+    return ckpt / ("ema.safetensors" if ema and (ckpt / "ema.safetensors").is_file() else "model.safetensors")
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """A run directory's saved config.json, as plain data."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
+    return json.loads(path.read_text())
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,

@@ -9,7 +9,6 @@ stays float32 under autocast too: the float32 position embedding is added to it.
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Any
 
@@ -19,6 +18,8 @@ from einops import rearrange
 from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
+
+from .unet import sinusoidal_time_embedding, timestep_frequencies
 
 __all__ = ["DiT", "DIT_SIZES", "build_dit"]
 
@@ -114,11 +115,7 @@ class DiT(nn.Module):
 
         self.patch_embed = PatchEmbed(image_size, patch_size, in_channels, hidden)
         self.register_buffer("pos_embed", _sincos_2d(hidden, grid), persistent=False)  # [N, D], not learned
-        half = _FREQ_DIM // 2
-        self.register_buffer(
-            "freqs", torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32) / half),
-            persistent=False,
-        )
+        self.register_buffer("freqs", timestep_frequencies(_FREQ_DIM), persistent=False)
         self.time_mlp = nn.Sequential(nn.Linear(_FREQ_DIM, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.blocks = nn.ModuleList([DiTBlock(hidden, heads, mlp_ratio, dropout) for _ in range(depth)])
         self.final_ada = nn.Linear(hidden, 2 * hidden)
@@ -146,11 +143,7 @@ class DiT(nn.Module):
 
     def time_embedding(self, t: Tensor) -> Tensor:
         """Sinusoidal embedding of 1000*t, shape [B, 256] (the U-Net's convention, so t in [0,1] works)."""
-        # Scaling by 1000 puts continuous t in [0,1] on the frequency range tuned for DDPM's 1000 steps.
-        dtype = torch.promote_types(t.dtype, torch.float32)  # float64 t keeps a smooth float64 embedding
-        args = (1000.0 * t.to(dtype))[:, None] * self.freqs.to(dtype)
-        # Cast to the MLP's dtype so a float64 model (gradient checks) gets float64 embeddings.
-        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.time_mlp[0].weight.dtype)
+        return sinusoidal_time_embedding(t, self.freqs, self.time_mlp[0].weight.dtype)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         """Predict the output for x [B,C,H,W] at times t [B] (a 0-dim t is broadcast over the batch)."""

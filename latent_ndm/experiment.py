@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import latest_checkpoint, load_weights
+from .checkpoint import load_weights, read_run_config, run_weights
 from .codec import PixelCodec
 from .config import RunConfig, from_dict
 from .data import cached_eval_examples, train_batches
@@ -74,14 +73,8 @@ def pixel_task(cfg: RunConfig) -> Task:
 
 def load_run(run_dir: str | Path, ema: bool = True) -> tuple[RunConfig, NDM]:
     """The config and model of a run directory, from its latest checkpoint (EMA weights by default)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
-    cfg = from_dict(RunConfig, json.loads((run_dir / "config.json").read_text()))
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir} has no complete checkpoint under checkpoints/")
+    cfg = from_dict(RunConfig, read_run_config(run_dir))
+    weights = run_weights(run_dir, ema)
     model = build_model(cfg)
-    name = "ema" if ema and (ckpt / "ema.safetensors").is_file() else "model"
-    load_weights(model, ckpt / f"{name}.safetensors")
+    load_weights(model, weights)
     return cfg, model.eval()

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from vae.distributions import DiagonalGaussian
 from vae.model import VAE
 
-from .checkpoint import latest_checkpoint, load_weights
+from .checkpoint import load_weights, read_run_config, run_weights
 from .config import LatentRunConfig, from_dict
 from .data import cached_eval_examples, eval_examples, train_batches
 from .evaluate import gather_examples
@@ -124,11 +124,7 @@ def build_latent_model(cfg: LatentRunConfig) -> LatentModel:
         raise ValueError(f"latents must be square, got {h}x{w}")
     model = LatentModel(vae, build_ndm(cfg.model, c, h), freeze_vae=cfg.stage == "prior" or cfg.freeze_vae)
     if cfg.init_from:
-        ckpt = latest_checkpoint(Path(cfg.init_from))
-        if ckpt is None:
-            raise FileNotFoundError(f"init_from={cfg.init_from} has no complete checkpoint")
-        name = "ema" if (ckpt / "ema.safetensors").is_file() else "model"
-        load_weights(model, ckpt / f"{name}.safetensors")
+        load_weights(model, run_weights(cfg.init_from))  # its EMA weights
     return model
 
 
@@ -320,16 +316,10 @@ def build_latent_model_from(cfg: LatentRunConfig, vae_path: str | Path | None = 
 def load_latent_run(run_dir: str | Path, ema: bool = True) -> tuple[LatentRunConfig, LatentModel]:
     """The config and full model (VAE + prior) of a latent run directory, from its latest checkpoint
     (EMA weights by default); the checkpoint holds the VAE's weights too, as stage 3 trains them."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
-    cfg = from_dict(LatentRunConfig, json.loads((run_dir / "config.json").read_text()))
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir} has no complete checkpoint under checkpoints/")
+    cfg = from_dict(LatentRunConfig, read_run_config(run_dir))
+    weights = run_weights(run_dir, ema)
     model = build_latent_model_from(cfg)
-    name = "ema" if ema and (ckpt / "ema.safetensors").is_file() else "model"
-    load_weights(model, ckpt / f"{name}.safetensors")
+    load_weights(model, weights)
     return cfg, model.eval()
 
 

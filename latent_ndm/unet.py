@@ -170,10 +170,7 @@ class UNet(nn.Module):
         emb_dim = 4 * channels
         half = channels // 2
         # Frequencies as a buffer so .double()/.to(device) carry them and forward does not rebuild them.
-        self.register_buffer(
-            "freqs", torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32) / half),
-            persistent=False,
-        )
+        self.register_buffer("freqs", timestep_frequencies(channels), persistent=False)
         self.time_mlp = nn.Sequential(nn.Linear(2 * half, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.input_conv = nn.Conv2d(in_channels, channels, 3, padding=1)
 
@@ -226,11 +223,7 @@ class UNet(nn.Module):
 
     def time_embedding(self, t: Tensor) -> Tensor:
         """Sinusoidal embedding of 1000*t, shape [B, 2*(channels//2)]."""
-        # Scaling by 1000 puts continuous t in [0,1] on the frequency range tuned for DDPM's 1000 steps.
-        dtype = torch.promote_types(t.dtype, torch.float32)  # float64 t keeps a smooth float64 embedding
-        args = (1000.0 * t.to(dtype))[:, None] * self.freqs.to(dtype)
-        # Cast to the MLP's dtype so a float64 model (gradient checks) gets float64 embeddings.
-        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(next(self.time_mlp.parameters()).dtype)
+        return sinusoidal_time_embedding(t, self.freqs, self.time_mlp[0].weight.dtype)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         """Predict the output for x [B,C,H,W] at times t [B] (a 0-dim t is broadcast over the batch)."""
@@ -309,6 +302,21 @@ def _validate(
         raise ValueError(f"num_heads={num_heads} must divide the attention channel counts {sorted(attn_chs)}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+
+
+def timestep_frequencies(dim: int) -> Tensor:
+    """The dim // 2 frequencies of a sinusoidal embedding of width dim (float32, for a buffer)."""
+    half = dim // 2
+    return torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32) / half)
+
+
+def sinusoidal_time_embedding(t: Tensor, freqs: Tensor, dtype: torch.dtype) -> Tensor:
+    """[cos, sin] of 1000 t times freqs, [B, 2 len(freqs)], in `dtype` (the U-Net's and the DiT's)."""
+    # Scaling by 1000 puts continuous t in [0,1] on the frequency range tuned for DDPM's 1000 steps.
+    work = torch.promote_types(t.dtype, torch.float32)  # float64 t keeps a smooth float64 embedding
+    args = (1000.0 * t.to(work))[:, None] * freqs.to(work)
+    # Cast to the MLP's dtype so a float64 model (gradient checks) gets float64 embeddings.
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(dtype)
 
 
 def build_unet(size: str, in_channels: int, out_channels: int, image_size: int, **overrides: Any) -> UNet:

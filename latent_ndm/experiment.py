@@ -64,7 +64,7 @@ def pixel_task(cfg: RunConfig) -> Task:
     def sample(m: NDM, generator: torch.Generator) -> Tensor:
         was_training = m.training
         m.eval()  # no dropout while sampling, also when there is no EMA copy
-        images = codec.decode(ancestral(m, shape, generator, cfg.train.sample_steps).x)
+        images = codec.decode(ancestral(m, shape, generator, min(cfg.train.sample_steps, m.num_steps or math.inf)).x)
         m.train(was_training)
         return images
 

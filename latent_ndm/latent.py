@@ -197,7 +197,8 @@ def latent_task(cfg: LatentRunConfig) -> Task:
         was_training = m.training
         m.eval()
         c, h, w = m.vae.latent_shape(cfg.data.image_size)
-        z = ancestral(m.ndm, (cfg.train.num_samples, c, h, w), generator, cfg.train.sample_steps).x
+        z = ancestral(m.ndm, (cfg.train.num_samples, c, h, w), generator,
+                      min(cfg.train.sample_steps, m.ndm.num_steps or math.inf)).x
         images = LatentCodec(m.vae).decode(z)
         m.train(was_training)
         return images

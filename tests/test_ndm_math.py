@@ -212,6 +212,9 @@ def test_unet_transform_time_derivative_matches_central_differences() -> None:
     t = torch.tensor([0.2, 0.5, 0.9])
     f_jvp, d_jvp = F.value_and_time_derivative(x, t, "jvp")
     f_fad, d_fad = F.value_and_time_derivative(x, t, "forward_ad")
+    f_tan, d_tan = F.value_and_time_derivative(x, t, "tangent")  # the U-Net's hand-written pass (the default)
+    torch.testing.assert_close(f_tan, f_jvp)
+    assert (d_tan - d_jvp).norm() / d_jvp.norm() < 1e-5  # float32; tests/test_tangents.py checks float64
     F.fd_step = 1e-7  # the time embedding's 1000 rad per unit t makes the O(h^2) term large at 1e-5
     f_fd, d_fd = F.value_and_time_derivative(x, t, "fd")
     torch.testing.assert_close(f_jvp, F(x, t))

@@ -1,0 +1,130 @@
+"""Forward-mode derivatives in t written out by hand for the U-Net's layers.
+
+dF/dt needs the network's output and its derivative in the scalar input t. torch.func.jvp gives both,
+but on CPU its generic rules cost ~4.6x a forward pass instead of ~2x: every convolution also runs on a
+materialised zero weight tangent (152 convolutions for the 52 of a forward), and GroupNorm and the
+elementwise ops are decomposed into many small kernels. Here each layer maps a pair (value, tangent)
+to a pair, with the tangent of a linear layer being the layer without its bias, so the cost is one
+extra convolution per convolution and a few fused elementwise passes. A tangent of None stands for
+zero (x itself does not depend on t), and stays None through linear layers.
+
+Everything here is ordinary differentiable torch: gradients reach the parameters through values and
+tangents alike (phi trains through dF/dt). tests/test_tangents.py checks each layer and the whole U-Net
+against torch.func.jvp.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Dual = tuple[Tensor, Tensor | None]  # (value, d value / dt); None = a zero tangent
+
+
+def conv(module: nn.Conv2d, x: Dual) -> Dual:
+    """A convolution (linear): the tangent is the convolution without bias."""
+    value, tangent = x
+    out = module(value)
+    if tangent is None:
+        return out, None
+    return out, module._conv_forward(tangent, module.weight, None)
+
+
+def linear(module: nn.Linear, x: Dual) -> Dual:
+    value, tangent = x
+    return module(value), None if tangent is None else F.linear(tangent, module.weight)
+
+
+def silu(x: Dual) -> Dual:
+    """silu(v) = v sigmoid(v); d silu = sigmoid(v) (1 + v (1 - sigmoid(v))) dv."""
+    value, tangent = x
+    out = F.silu(value)
+    if tangent is None:
+        return out, None
+    s = torch.sigmoid(value)
+    return out, tangent * (s * (1 + value * (1 - s)))
+
+
+def group_norm(module: nn.GroupNorm, x: Dual) -> Dual:
+    """GroupNorm in at least float32 (as GroupNorm32), cast back to the input dtype.
+
+    With xh = (v - mean) / std over each group: d xh = (dv - mean(dv) - xh mean(dv xh)) / std.
+    """
+    value, tangent = x
+    dtype = torch.promote_types(value.dtype, torch.float32)
+    b, c = value.shape[:2]
+    g = module.num_groups
+    v = value.to(dtype).reshape(b, g, -1)
+    mean = v.mean(-1, keepdim=True)
+    var = v.var(-1, unbiased=False, keepdim=True)
+    rstd = torch.rsqrt(var + module.eps)
+    xh = (v - mean) * rstd
+    shape = (1, c) + (1,) * (value.dim() - 2)
+    weight = module.weight.to(dtype).reshape(shape) if module.weight is not None else None
+    bias = module.bias.to(dtype).reshape(shape) if module.bias is not None else None
+
+    def affine(u: Tensor, with_bias: bool) -> Tensor:
+        u = u.reshape(value.shape)
+        u = u if weight is None else u * weight
+        return (u + bias if with_bias and bias is not None else u).to(value.dtype)
+
+    out = affine(xh, True)
+    if tangent is None:
+        return out, None
+    dv = tangent.to(dtype).reshape(b, g, -1)
+    dv = dv - dv.mean(-1, keepdim=True)
+    dxh = (dv - xh * (dv * xh).mean(-1, keepdim=True)) * rstd
+    return out, affine(dxh, False)
+
+
+def add(a: Dual, b: Dual) -> Dual:
+    return a[0] + b[0], _add_tangents(a[1], b[1])
+
+
+def cat(parts: list[Dual], dim: int) -> Dual:
+    """torch.cat of values and of tangents (a zero tangent is materialised only when others are not)."""
+    values = [p for p, _ in parts]
+    if all(d is None for _, d in parts):
+        return torch.cat(values, dim), None
+    return torch.cat(values, dim), torch.cat([torch.zeros_like(p) if d is None else d for p, d in parts], dim)
+
+
+def scale_shift(h: Dual, scale: Dual, shift: Dual) -> Dual:
+    """h (1 + scale) + shift, the ResBlock's time modulation."""
+    (hv, hd), (sv, sd), (tv, td) = h, scale, shift
+    out = hv * (1 + sv) + tv
+    tangent = None if hd is None else hd * (1 + sv)
+    tangent = _add_tangents(tangent, None if sd is None else hv * sd)
+    return out, _add_tangents(tangent, td)
+
+
+def apply_linear(fn, x: Dual) -> Dual:
+    """A bias-free linear map without parameters (reshape, interpolation, a fixed dropout mask)."""
+    value, tangent = x
+    return fn(value), None if tangent is None else fn(tangent)
+
+
+def attention(q: Dual, k: Dual, v: Dual) -> Dual:
+    """softmax(q k^T) v over the last two dims (q already scaled), softmax in at least float32.
+
+    d logits = dq k^T + q dk^T; d w = w (d logits - sum(w d logits)); d out = dw v + w dv.
+    """
+    (qv, qd), (kv, kd), (vv, vd) = q, k, v
+    logits = qv @ kv.transpose(-2, -1)
+    w = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    out = w.to(vv.dtype) @ vv
+    dlogits = _add_tangents(None if qd is None else qd @ kv.transpose(-2, -1),
+                            None if kd is None else qv @ kd.transpose(-2, -1))
+    tangent = None
+    if dlogits is not None:
+        dl = dlogits.to(w.dtype)
+        dw = w * (dl - (w * dl).sum(-1, keepdim=True))
+        tangent = dw.to(vv.dtype) @ vv
+    return out, _add_tangents(tangent, None if vd is None else w.to(vv.dtype) @ vd)
+
+
+def _add_tangents(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a + b

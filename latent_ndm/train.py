@@ -32,10 +32,11 @@ from .data import Batch
 from .images import save_grid
 from .noise import Noise, derive_seed
 
-# Keys that may change when a run is resumed (how long and how often, not what is trained).
+# Keys that may change when a run is resumed (how long and how often, not what is trained; model.fdot only
+# chooses how the same derivative dF/dt is computed).
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.eval_every", "train.eval_examples",
                   "train.sample_every", "train.sample_steps", "train.num_samples", "train.ckpt_every",
-                  "train.keep_checkpoints", "eval.")
+                  "train.keep_checkpoints", "eval.", "model.fdot")
 
 
 class Objective(Protocol):

@@ -33,6 +33,13 @@ def _parse_steps(text: str) -> list[int]:
     return out
 
 
+def _parse_sample_steps(text: str) -> list[int]:
+    steps = _parse_steps(text)
+    if 0 in steps:
+        raise argparse.ArgumentTypeError("sampling steps must be numbers >= 1")
+    return steps
+
+
 def _train_command(argv: list[str], prog: str, description: str, example: str, schema: type,
                    make_task: Callable, keep_group: bool = False) -> int:
     """One training entry point for every stage: config + overrides -> task -> the shared loop."""
@@ -124,9 +131,12 @@ def cmd_encode_latents(argv: list[str]) -> int:
 
 def cmd_evaluate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="evaluate.sh", description="Test-set NELBO and ODE NLL in bits/dim, as JSON "
-                                "(latent models: the full model's bound in bits per image dimension).")
+                                "(latent models: the full model's bound in bits per image dimension); sample "
+                                "quality (FD-MNIST, FID) at several numbers of sampling steps.")
     p.add_argument("path", help="a run directory (train_ndm.sh, train_latent_ndm.sh) or a saved model directory")
-    p.add_argument("--metrics", default="nelbo", help="comma-separated: nelbo, ode_nll (default: nelbo)")
+    p.add_argument("--metrics", default="nelbo", help="comma-separated: nelbo, ode_nll, fd_mnist, fid (default: "
+                   "nelbo). fd_mnist: Frechet distance of samples to the test images in the features of the "
+                   "project's MNIST classifier (--classifier; NOT FID); fid: with the Inception weights file")
     p.add_argument("--steps", type=_parse_steps, default=_parse_steps("10,100,1000,continuous"),
                    help="NELBO at these T values and/or 'continuous' (default: 10,100,1000,continuous)")
     p.add_argument("--repeats", type=int, default=None, help="draws of (t, eps) per test image for the NELBO")
@@ -138,14 +148,32 @@ def cmd_evaluate(argv: list[str]) -> int:
     p.add_argument("--probes", type=int, default=1, help="Hutchinson probes per image for the ODE NLL")
     p.add_argument("--rtol", type=float, default=1e-5, help="RK45 relative tolerance for the ODE NLL")
     p.add_argument("--atol", type=float, default=1e-5, help="RK45 absolute tolerance for the ODE NLL")
+    p.add_argument("--classifier", default="runs/mnist_classifier",
+                   help="fd_mnist: the classifier directory (default runs/mnist_classifier: train_classifier.sh)")
+    p.add_argument("--inception-weights", default=None,
+                   help="fid: the local file weights-inception-2015-12-05-6726825d.pth (default: "
+                        "$LATENT_NDM_INCEPTION_WEIGHTS); never downloaded")
+    p.add_argument("--sample-steps", type=_parse_sample_steps, default=[10, 100, 1000],
+                   help="fd_mnist / fid: sampling steps to compare (default: 10,100,1000)")
+    p.add_argument("--num-samples", type=int, default=500, help="fd_mnist / fid: samples per setting (default 500)")
+    p.add_argument("--sampler", default="ancestral", help=f"fd_mnist / fid: one of {', '.join(SAMPLERS)}")
+    p.add_argument("--seed", type=int, default=0, help="fd_mnist / fid: seed of the sampling noise (every setting)")
+    p.add_argument("--sample-batch-size", type=int, default=256, help="fd_mnist / fid: samples per sampler call")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--shards", default=None, help="test shards to read (default: the run's data.shards)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    unknown = set(metrics) - {"nelbo", "ode_nll"}
+    unknown = set(metrics) - {"nelbo", "ode_nll", "fd_mnist", "fid"}
     if unknown:
-        raise ValueError(f"unknown metric(s) {sorted(unknown)}; choose from nelbo, ode_nll")
+        raise ValueError(f"unknown metric(s) {sorted(unknown)}; choose from nelbo, ode_nll, fd_mnist, fid")
+    quality = [m for m in metrics if m in ("fd_mnist", "fid")]
+    if quality:
+        get_sampler(args.sampler)
+        if "fid" in quality:  # fail before any other work when the file is missing
+            from .quality import inception_weights_path
+
+            inception_weights_path(args.inception_weights)
     from .data import eval_examples, open_split
     from .pipeline import LatentNDMPipeline, load_pipeline
 
@@ -172,11 +200,44 @@ def cmd_evaluate(argv: list[str]) -> int:
         extra = {"ids": ids} if isinstance(pipe, LatentNDMPipeline) else {}
         report["ode_nll"] = pipe.ode_nll_bpd(images, args.probes, args.rtol, args.atol, cfg.eval.seed,
                                              progress=True, **extra)
+    if quality:
+        from .quality import sample_quality
+
+        report["sample_quality"] = sample_quality(
+            pipe, args.classifier if "fd_mnist" in quality else None, args.sample_steps, args.num_samples,
+            args.sampler, args.seed, quality, args.inception_weights, args.sample_batch_size, progress=True)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
+    return 0
+
+
+def cmd_train_classifier(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="train_classifier.sh", description="Train the small image classifier whose "
+                                "penultimate features define FD-MNIST (evaluate.sh --metrics fd_mnist; not FID) on "
+                                "the labelled train split of shards; saves config.json + model.safetensors + "
+                                "report.json and prints its test accuracy.")
+    p.add_argument("--shards", default="data/mnist5k", help="shard folder (default data/mnist5k: make_shards.sh)")
+    p.add_argument("--out", default="runs/mnist_classifier", help="output directory (default runs/mnist_classifier)")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle, cosine decay)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=0, help="decoding processes (default 0: decode in this process, "
+                   "a few ms per batch)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the network is small, and on "
+                   "a busy 2-core machine 2 threads plus decoding ran 7x slower; 0: torch's own choice)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    from .classifier import train_classifier
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _, report = train_classifier(args.shards, args.out, args.steps, args.batch_size, args.lr, seed=args.seed,
+                                 num_workers=args.num_workers, device=args.device)
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -242,7 +303,7 @@ def cmd_pictures(argv: list[str]) -> int:
 
 COMMANDS = {"train": cmd_train, "train_vae": cmd_train_vae, "train_latent": cmd_train_latent,
             "encode_latents": cmd_encode_latents, "evaluate": cmd_evaluate, "sample": cmd_sample,
-            "pictures": cmd_pictures}
+            "pictures": cmd_pictures, "train_classifier": cmd_train_classifier}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ModuleNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -11,7 +11,7 @@ STAMP="$VENV/.installed-$("$PYTHON" -c 'import hashlib,sys; print(hashlib.sha256
 if [ ! -f "$STAMP" ]; then
   echo "setting up $VENV from pyproject.toml (the first time takes a few minutes) ..." >&2
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-  if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -e "$ROOT[data,dev]" >"$VENV/install.log" 2>&1; then
+  if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -e "$ROOT[data,dev,eval]" >"$VENV/install.log" 2>&1; then
     grep -v "^WARNING: Location" "$VENV/install.log" | tail -40 >&2
     echo "error: installing the environment failed; full log in $VENV/install.log" >&2
     exit 1

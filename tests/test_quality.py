@@ -1,0 +1,214 @@
+"""Sample quality: the Frechet distance against closed forms, the MNIST classifier behind FD-MNIST,
+FID with a locally written Inception weights file (never downloaded), and the evaluate CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from latent_ndm import quality as Q
+from latent_ndm.classifier import ClassifierConfig, ImageClassifier, train_classifier
+from latent_ndm.cli import main
+from latent_ndm.config import load_config
+from latent_ndm.experiment import build_model
+from latent_ndm.pipeline import NDMPipeline
+from latent_ndm.shards import MANIFEST, read_split, write_shards
+from latent_ndm.sources import ImageData
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread here: on a 2-core machine shared with other work, two threads spinning for each
+    other made this file 3-4x slower (150 s instead of 40 s); the results do not depend on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# -- the Frechet distance -----------------------------------------------------------------------
+
+
+def test_frechet_identical_sets_give_zero() -> None:
+    x = torch.randn(300, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3 + 1
+    assert Q.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-9)
+    # Fewer samples than dimensions (singular covariance, as for FID on a few hundred images).
+    y = torch.randn(20, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert Q.frechet_distance(y, y) < 1e-6 * Q.gaussian_stats(y)[1].trace()
+
+
+def test_frechet_of_diagonal_gaussians_matches_closed_form() -> None:
+    g = torch.Generator().manual_seed(2)
+    mu1, mu2 = torch.randn(10, generator=g, dtype=torch.float64), torch.randn(10, generator=g, dtype=torch.float64)
+    v1, v2 = torch.rand(10, generator=g, dtype=torch.float64) * 4, torch.rand(10, generator=g, dtype=torch.float64)
+    want = float((mu1 - mu2).square().sum() + (v1.sqrt() - v2.sqrt()).square().sum())
+    assert Q.frechet_from_stats(mu1, torch.diag(v1), mu2, torch.diag(v2)) == pytest.approx(want, rel=1e-10)
+    # One dimension: (m1 - m2)^2 + (s1 - s2)^2.
+    one = Q.frechet_from_stats(torch.tensor([1.0]), torch.tensor([[4.0]]), torch.tensor([-2.0]), torch.tensor([[9.0]]))
+    assert one == pytest.approx(9.0 + 1.0)
+
+
+def test_frechet_is_invariant_to_rotating_and_shifting_both_sets() -> None:
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(400, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 12, generator=g, dtype=torch.float64)
+    b = torch.randn(400, 12, generator=g, dtype=torch.float64) * 2 + 0.5
+    rot, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
+    shift = torch.randn(12, generator=g, dtype=torch.float64)
+    d = Q.frechet_distance(a, b)
+    assert d > 1 and Q.frechet_distance(a @ rot + shift, b @ rot + shift) == pytest.approx(d, rel=1e-9)
+    mu, cov = Q.gaussian_stats(a)
+    np.testing.assert_allclose(mu.numpy(), a.numpy().mean(0), rtol=1e-12)
+    np.testing.assert_allclose(cov.numpy(), np.cov(a.numpy(), rowvar=False), rtol=1e-10)
+    # The general (non-commuting) case against torch-fidelity's own formula (eigenvalues of S1 S2).
+    metric_fid = pytest.importorskip("torch_fidelity.metric_fid")
+    stats = [{"mu": m.numpy(), "sigma": s.numpy()} for m, s in (Q.gaussian_stats(a), Q.gaussian_stats(b))]
+    theirs = metric_fid.fid_statistics_to_metric(*stats, verbose=False)[metric_fid.KEY_METRIC_FID]
+    assert d == pytest.approx(theirs, rel=1e-9)
+
+
+# -- the classifier behind FD-MNIST ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, mnist_shards: Path) -> tuple[Path, dict]:
+    """A briefly trained classifier: 100 steps of 32 images (3,200 images seen), saved."""
+    out = tmp_path_factory.mktemp("clf") / "mnist_classifier"
+    _, report = train_classifier(mnist_shards, out, steps=100, batch_size=32, lr=3e-3, num_workers=0, progress=False)
+    return out, report
+
+
+def test_short_training_is_clearly_above_chance_and_saves(trained: tuple[Path, dict]) -> None:
+    out, report = trained
+    assert report["test_images"] == 500 and report["train_images"] == 4500
+    assert report["test_accuracy"] > 0.6  # chance is 0.1
+    assert json.loads((out / "report.json").read_text())["test_accuracy"] == report["test_accuracy"]
+
+
+def test_classifier_save_load_round_trip_gives_identical_features(tmp_path: Path, mnist_shards: Path) -> None:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = ImageClassifier(ClassifierConfig(widths=(4, 8), feature_dim=16))
+    images = torch.from_numpy(read_split(mnist_shards, "test").images[:32])
+    again = ImageClassifier.from_pretrained(model.save_pretrained(tmp_path / "c"))
+    assert again.config == model.config
+    f1, f2 = model.features(images), again.features(images)
+    assert f1.shape == (32, 16) and torch.equal(f1, f2)
+    with pytest.raises(FileNotFoundError, match="train_classifier.sh"):
+        ImageClassifier.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=r"\[N, 1, 28, 28\]"):
+        model.features(torch.zeros(2, 3, 28, 28, dtype=torch.uint8))
+
+
+def test_fd_mnist_is_zero_for_the_same_set_and_large_for_noise(trained: tuple[Path, dict], mnist_shards: Path) -> None:
+    clf = ImageClassifier.from_pretrained(trained[0])
+    test = torch.from_numpy(read_split(mnist_shards, "test").images)
+    train = torch.from_numpy(read_split(mnist_shards, "train").images[:500])
+    noise = torch.randint(0, 256, test.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    floor = Q.fd_classifier(train, test, clf)
+    assert Q.fd_classifier(test, test, clf) == pytest.approx(0.0, abs=1e-6)
+    assert 0 < floor and Q.fd_classifier(noise, test, clf) > 20 * floor
+
+
+# -- the evaluate CLI on a tiny untrained pixel model ---------------------------------------------
+
+
+def tiny_pixel_model(tmp_path: Path, shards: Path, *overrides: str) -> Path:
+    nets = [f"model.{n}.{o}" for n in ("denoiser", "transform_net") for o in ("channels=8", "channel_mult=[1,2]",
+                                                                             "groups=4")]
+    cfg = load_config("configs/ndm_mnist.yaml", [f"data.shards={shards}", *nets, *overrides])
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_model(cfg)
+    return NDMPipeline(model, cfg).save_pretrained(tmp_path / "model")
+
+
+def test_cli_fd_mnist_report(trained: tuple[Path, dict], mnist_shards: Path, tmp_path: Path,
+                             capsys: pytest.CaptureFixture) -> None:
+    model = tiny_pixel_model(tmp_path, mnist_shards, "model.num_steps=3")  # discrete: steps > 3 are skipped
+    out = tmp_path / "q.json"
+    assert main(["evaluate", str(model), "--metrics", "fd_mnist", "--classifier", str(trained[0]),
+                 "--sample-steps", "1,3,10", "--num-samples", "12", "--out", str(out)]) == 0
+    q = json.loads(out.read_text())["sample_quality"]
+    assert "NOT FID" in q["definitions"]["fd_mnist"] and q["num_samples"] == 12 and q["sampler"] == "ancestral"
+    assert q["reference"]["test_images"] == 500 and q["reference"]["train_images"] == 12
+    assert q["reference"]["fd_mnist_train_vs_test"] > 0
+    assert set(q["steps"]) == {"1", "3", "10"} and "skipped" in q["steps"]["10"]
+    for steps in ("1", "3"):
+        entry = q["steps"][steps]
+        assert entry["nfe_xhat"] == int(steps) == entry["nfe_f"] and entry["seconds"] >= 0
+        assert math.isfinite(entry["fd_mnist"]) and entry["fd_mnist"] > q["reference"]["fd_mnist_train_vs_test"]
+    capsys.readouterr()
+    assert main(["evaluate", str(model), "--metrics", "fd_mnist", "--classifier", str(tmp_path / "none")]) == 1
+    assert "train_classifier.sh" in capsys.readouterr().err
+    assert main(["evaluate", str(model), "--metrics", "fid", "--inception-weights", str(tmp_path / "none.pth")]) == 1
+    assert Q.INCEPTION_FILE in capsys.readouterr().err
+
+
+# -- FID: the Inception weights come from a local file --------------------------------------------
+
+
+def test_missing_inception_file_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(Q.INCEPTION_ENV, raising=False)
+    for given in (None, tmp_path / "missing.pth", tmp_path):  # nothing; a missing file; a folder without it
+        with pytest.raises(FileNotFoundError) as err:
+            Q.inception_weights_path(given)
+        assert Q.INCEPTION_FILE in str(err.value) and Q.INCEPTION_URL in str(err.value)
+        assert Q.INCEPTION_ENV in str(err.value)
+    (tmp_path / Q.INCEPTION_FILE).write_bytes(b"")
+    monkeypatch.setenv(Q.INCEPTION_ENV, str(tmp_path))  # a folder holding the file
+    assert Q.inception_weights_path() == tmp_path / Q.INCEPTION_FILE
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised state dict of torch-fidelity's Inception in the format of the real file
+    (torch.save of the state dict), convolutions initialised to keep activations O(1)."""
+    fe = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    with pytest.MonkeyPatch.context() as mp, torch.random.fork_rng():
+        # The constructor always loads weights: give it none, keep the random initialisation.
+        mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+        mp.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+        torch.manual_seed(0)
+        model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("inception") / Q.INCEPTION_FILE
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_fid_reads_the_local_file_and_equals_the_frechet_distance_of_its_features(inception_file: Path) -> None:
+    fe = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (3, 1, 28, 28), generator=g, dtype=torch.uint8)  # grey: repeated to RGB
+    b = (a.float() * 0.5).to(torch.uint8)
+    extractor = fe.FeatureExtractorInceptionV3("x", ["2048"], feature_extractor_weights_path=str(inception_file))
+    with torch.no_grad():
+        fa, fb = (extractor(x.repeat(1, 3, 1, 1))[0].double() for x in (a, b))
+    assert fa.shape == (3, 2048) and fa.std() > 1e-3  # features of a usable scale
+    want = Q.frechet_distance(fa, fb)
+    assert want > 0 and Q.fid(a, b, inception_file) == pytest.approx(want, rel=1e-6)
+    assert Q.fid(a, a, inception_file) < 1e-6 * want
+
+
+def test_sample_quality_fid_on_a_tiny_model(inception_file: Path, mnist_shards: Path, tmp_path: Path) -> None:
+    # A few MNIST images as their own shards, so the Inception passes stay few (test 3, train 2, samples 2).
+    manifest = {"source": "test", "splits": {}}
+    for split, n in (("train", 2), ("test", 3)):
+        data = read_split(mnist_shards, split)
+        manifest["splits"][split] = write_shards(ImageData(data.images[:n], data.labels[:n]), tmp_path / "few", split)
+    (tmp_path / "few" / MANIFEST).write_text(json.dumps(manifest))
+    pipe = NDMPipeline.from_pretrained(tiny_pixel_model(tmp_path, tmp_path / "few"))
+    q = Q.sample_quality(pipe, None, steps=(1,), num_samples=2, metrics=("fid",), inception_weights=inception_file)
+    assert q["inception_weights"] == str(inception_file) and "Inception" in q["definitions"]["fid"]
+    assert q["reference"]["test_images"] == 3 and q["reference"]["fid_train_vs_test"] > 0
+    assert q["steps"]["1"]["fid"] > 0 and q["steps"]["1"]["nfe_xhat"] == 1
+    with pytest.raises(ValueError, match="needs a classifier"):
+        Q.sample_quality(pipe, None, steps=(1,), num_samples=2)

@@ -48,6 +48,8 @@ def test_sampler_contract(name: str) -> None:
         assert a.nfe_xhat == 4 and seen == [1, 2, 3, 4]
     if name == "ode_heun":
         assert a.nfe_xhat == 8
+    if name == "ode_euler":
+        assert a.nfe_xhat == 4 and seen == [1, 2, 3, 4]
 
 
 def test_identity_transform_counts_no_f_evaluations() -> None:
@@ -212,3 +214,29 @@ def test_transform_picture_is_x_at_t0_and_repeats_x_for_the_identity() -> None:
     rows, _, scale = transform_rows(ndm, images)
     assert torch.equal(rows.view(3, len(TIMES), 1, 8, 8), images[:, None].expand(3, len(TIMES), 1, 8, 8))
     assert scale < 1e-11  # no difference at all (the floor of the scale)
+
+
+def test_euler_is_first_order_on_the_exact_gaussian_flow() -> None:
+    """With the optimal xhat the flow is affine per dimension (see the NLL test): z_0 = alpha_0 m +
+    r_0/r_1 (z_1 - alpha_1 m). Euler's error must halve as the steps double; Heun's fall by ~4."""
+    from latent_ndm.samplers import ode_euler, ode_heun
+
+    ndm = gaussian_ndm()
+    z_1 = torch.randn(64, 4, generator=torch.Generator().manual_seed(3))
+    m, s = MEAN.double(), STD.double()
+    a2 = lambda g: torch.sigmoid(-torch.tensor(g, dtype=torch.float64))  # noqa: E731
+    r0, r1 = (torch.sqrt(a2(g) * s**2 + 1 - a2(g)) for g in (GAMMA_MIN, GAMMA_MAX))
+    exact = a2(GAMMA_MIN).sqrt() * m + r0 / r1 * (z_1.double() - a2(GAMMA_MAX).sqrt() * m)
+
+    def error(fn, steps: int) -> float:
+        return float((fn(ndm, (64, 4), torch.Generator().manual_seed(3), steps).z_0.double() - exact).abs().max())
+
+    e = [error(ode_euler, k) for k in (100, 200, 400)]
+    assert 1.7 < e[0] / e[1] < 2.3 and 1.7 < e[1] / e[2] < 2.3, e
+    h = [error(ode_heun, k) for k in (100, 200)]
+    assert h[1] < e[2] and h[0] / h[1] > 3.0, h
+    # One Euler step is Heun's predictor: z_1 - 1 * drift(z_1, t = 1).
+    one = ode_euler(ndm, (64, 4), torch.Generator().manual_seed(3), 1)
+    drift = ndm.ode_drift(z_1, torch.ones(64, dtype=torch.float64))[0]
+    torch.testing.assert_close(one.z_0, z_1 - drift)
+    assert one.nfe_xhat == 1

@@ -1,9 +1,13 @@
 """Benchmarks measured side by side in one run.
 
-`python -m latent_ndm.benchmark speed [--config configs/ndm_mnist.yaml] [--batch-size 32] [--steps 20]`:
-training-step time of NDM against its F = identity baseline. Variants are timed in interleaved
-rounds, so drifts in machine load hit all of them alike; the reported figure per variant is the
-median over rounds, and ratios are against the baseline.
+`python -m latent_ndm.benchmark speed [--config configs/bench_cifar_size.yaml] [--batch-size 32]
+[--bf16] [--channels-last] [--compile] [--out docs/bench/cpu]`: training steps of the F = identity
+baseline, NDM discrete (T = 10) and NDM continuous with the same denoiser (and the same U-Net inside
+F): images/s, time ratio to the baseline, FLOPs per step (torch.utils.flop_counter: matmuls and
+convolutions, forward and backward), achieved FLOP/s and MFU against the fp32 and bf16 matmul peaks
+measured in the same run, peak memory (RSS of a fresh process on CPU, max allocated on GPU); then
+images/s of every sampler at a given number of network evaluations. Variants are timed in interleaved
+rounds, so drifts in machine load hit all of them alike; the figure per variant is the median.
 
 `python -m latent_ndm.benchmark data [--images 8192]`: decoded images per second from local shards
 (28x28 MNIST subset, 32x32 photo patches) with 1 and 2 decoding workers, beside the images per
@@ -15,58 +19,185 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
 
+from .codec import PixelCodec
 from .config import DataConfig, load_config
 from .data import train_batches
-from .experiment import pixel_task
+from .experiment import NELBOObjective, build_model
 from .noise import Noise
+from .samplers import SAMPLERS
 from .shards import make_shards
 
 VARIANTS = {
     "baseline (F = identity, continuous)": ["model.transform=identity", "model.num_steps=0"],
-    "NDM continuous": ["model.transform=neural", "model.num_steps=0"],
     "NDM discrete T=10": ["model.transform=neural", "model.num_steps=10"],
+    "NDM continuous": ["model.transform=neural", "model.num_steps=0"],
 }
+BASELINE = next(iter(VARIANTS))
 
 
-def speed(config: str, batch_size: int, steps: int, rounds: int, variants: int | None = None,
-          extra: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:
-    states = {}
-    for name, overrides in list(VARIANTS.items())[:variants]:
-        cfg = load_config(config, [*overrides, f"train.batch_size={batch_size}", "data.num_workers=0", *extra])
-        task = pixel_task(cfg)
-        model = task.model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        states[name] = (task, model, opt, task.train_batches(0), torch.Generator().manual_seed(0))
+@dataclass
+class Switches:
+    """How the step runs: bf16 autocast, channels_last tensors, torch.compile of the denoiser network (the
+    path without forward-mode AD; F's network is never compiled, see PITFALLS), the device."""
 
-    def step(name: str) -> float:
-        task, model, opt, stream, gen = states[name]
-        images = next(stream).images
+    bf16: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    device: str = "cpu"
+
+
+class Step:
+    """One variant's model, optimizer and fixed batch; `run()` is one timed training step."""
+
+    def __init__(self, config: str, overrides: list[str], batch_size: int, sw: Switches, extra: tuple[str, ...] = ()):
+        cfg = load_config(config, [*overrides, f"train.batch_size={batch_size}", *extra])
+        torch.manual_seed(0)
+        self.sw, self.device = sw, torch.device(sw.device)
+        self.model = build_model(cfg).to(self.device).train()
+        fmt = torch.channels_last if sw.channels_last else torch.contiguous_format
+        self.model.to(memory_format=fmt)
+        if sw.compile:
+            self.model.denoiser.net = torch.compile(self.model.denoiser.net)
+        c, s = cfg.data.channels, cfg.data.image_size
+        self.objective = NELBOObjective(PixelCodec(), c * s * s)
+        g = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (batch_size, c, s, s), dtype=torch.uint8, generator=g)
+        self.images = images.to(self.device).contiguous(memory_format=fmt)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
+        self.params = sum(p.numel() for p in self.model.parameters())
+        self.generator = torch.Generator(self.device).manual_seed(0)
+
+    def __call__(self) -> None:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.sw.bf16):
+            nats, _ = self.objective(self.model, self.images, Noise.from_generator(self.generator, len(self.images),
+                                                                                   self.device))
+        (nats.mean() * self.objective.loss_scale).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def timed(self) -> float:
+        _sync(self.device)
         t0 = time.perf_counter()
-        nats, _ = task.objective(model, images, Noise.from_generator(gen, len(images)))
-        (nats.mean() * task.objective.loss_scale).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        self()
+        _sync(self.device)
         return time.perf_counter() - t0
 
-    for name in states:  # warm-up: allocator, first forward-AD use
-        step(name)
+    def flops(self) -> int:
+        """FLOPs of one step (matmuls and convolutions, forward and backward: torch.utils.flop_counter)."""
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self()
+        return counter.get_total_flops()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int = 2048, reps: int = 10) -> float:
+    """Achieved FLOP/s of an n x n matmul in `dtype`: the best of 5 rounds (this machine's practical peak)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    for _ in range(5):
+        _sync(torch.device(device))
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        _sync(torch.device(device))
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+    return best
+
+
+def peak_memory(config: str, variant: str, batch_size: int, sw: Switches, steps: int = 2) -> float:
+    """Peak memory of training steps in bytes: max allocated on a GPU; on a CPU the peak RSS of a fresh
+    process that builds this variant alone and runs `steps` steps (RSS never falls, so one process each)."""
+    if sw.device.startswith("cuda"):
+        step = Step(config, VARIANTS[variant], batch_size, sw)
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(steps):
+            step()
+        return float(torch.cuda.max_memory_allocated())
+    code = ("import json, resource, sys; from latent_ndm.benchmark import Step, Switches, VARIANTS; "
+            "a = json.loads(sys.argv[1])\n"
+            "s = Step(a['config'], VARIANTS[a['variant']], a['batch'], Switches(**a['sw']))\n"
+            "for _ in range(a['steps']): s()\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    arg = json.dumps({"config": config, "variant": variant, "batch": batch_size, "sw": vars(sw), "steps": steps})
+    out = subprocess.run([sys.executable, "-c", code, arg], check=True, capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def speed(config: str, batch_size: int, steps: int, rounds: int, variants: list[str] | None = None,
+          extra: tuple[str, ...] = (), sw: Switches | None = None, memory: bool = True) -> dict[str, dict[str, float]]:
+    """Training steps of every variant timed in interleaved rounds (median per variant), with FLOPs per step,
+    achieved FLOP/s, MFU against the matmul peak measured in the same run, and peak memory."""
+    sw = sw or Switches()
+    names = variants or list(VARIANTS)
+    states = {name: Step(config, VARIANTS[name], batch_size, sw, extra) for name in names}
+    flops = {name: st.flops() for name, st in states.items()}  # also the warm-up (allocator, first compile)
+    for st in states.values():
+        st()
     times: dict[str, list[float]] = {name: [] for name in states}
-    for _ in range(rounds):
-        for name in states:
-            times[name] += [step(name) for _ in range(steps)]
-    base = statistics.median(times[next(iter(VARIANTS))])
+    peaks = {"fp32": [], "bf16": []}
+    for _ in tqdm(range(rounds), desc="rounds", leave=False):
+        peaks["fp32"].append(matmul_peak(torch.float32, sw.device))
+        peaks["bf16"].append(matmul_peak(torch.bfloat16, sw.device))
+        for name, st in states.items():
+            times[name] += [st.timed() for _ in range(steps)]
+    peak = {k: max(v) for k, v in peaks.items()}
+    ref = "bf16" if sw.bf16 else "fp32"
+    base_time, base_flops = statistics.median(times[names[0]]), flops[names[0]]
     out = {}
     for name, ts in times.items():
         med = statistics.median(ts)
-        n_params = sum(p.numel() for p in states[name][1].parameters())
-        out[name] = {"sec_per_step": med, "ratio_to_baseline": med / base, "params": n_params,
-                     "images_per_sec": batch_size / med}
+        achieved = flops[name] / med
+        out[name] = {"sec_per_step": med, "images_per_sec": batch_size / med, "params": states[name].params,
+                     "ratio_to_baseline": med / base_time, "gflop_per_step": flops[name] / 1e9,
+                     "flop_ratio_to_baseline": flops[name] / base_flops,
+                     "time_ratio_over_flop_ratio": (med / base_time) / (flops[name] / base_flops),
+                     "achieved_gflops": achieved / 1e9, f"mfu_vs_{ref}_peak": achieved / peak[ref]}
+    if memory:
+        for name in names:
+            out[name]["peak_memory_gib"] = peak_memory(config, name, batch_size, sw) / 2**30
+    out["_peaks_gflops"] = {k: v / 1e9 for k, v in peak.items()}
+    return out
+
+
+def sampling(config: str, batch_size: int, nfe: int, sw: Switches) -> dict[str, dict[str, float]]:
+    """Images per second of every sampler at `nfe` network evaluations per sample (untrained weights: the cost
+    does not depend on them; ode_rk45 is adaptive and reports the NFE it took), baseline and NDM continuous."""
+    out = {}
+    for variant in (BASELINE, "NDM continuous"):
+        cfg = load_config(config, VARIANTS[variant])
+        torch.manual_seed(0)
+        model = build_model(cfg).to(sw.device).eval()
+        shape = (batch_size, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+        for name, fn in SAMPLERS.items():
+            steps = nfe // 2 if name == "ode_heun" else nfe  # Heun: 2 drift evaluations per step
+            with torch.autocast(torch.device(sw.device).type, dtype=torch.bfloat16, enabled=sw.bf16):
+                fn(model, shape, torch.Generator(sw.device).manual_seed(0), 2)  # warm-up
+                _sync(torch.device(sw.device))
+                t0 = time.perf_counter()
+                res = fn(model, shape, torch.Generator(sw.device).manual_seed(0), steps)
+                _sync(torch.device(sw.device))
+            seconds = time.perf_counter() - t0
+            out[f"{variant}: {name}"] = {"images_per_sec": batch_size / seconds, "nfe_xhat": res.nfe_xhat,
+                                         "nfe_f": res.nfe_f, "seconds": seconds}
     return out
 
 
@@ -93,25 +224,64 @@ def data(config: str, images: int, batch_size: int = 256) -> dict:
                 result["loader_images_per_sec"][f"{name}, {workers} worker{'s' * (workers > 1)}"] = \
                     loader_rate(cfg, batch_size, images)
         train_batch = load_config(config).train.batch_size
-        timed = speed(config, train_batch, steps=5, rounds=2, variants=2, extra=(f"data.shards={tmp}/mnist5k",))
+        timed = speed(config, train_batch, steps=5, rounds=2, variants=[BASELINE, "NDM continuous"],
+                      extra=(f"data.shards={tmp}/mnist5k",), memory=False)
     for name, r in timed.items():
-        result["training_images_per_sec"][name] = r["images_per_sec"]
+        if not name.startswith("_"):
+            result["training_images_per_sec"][name] = r["images_per_sec"]
     fastest_training = max(result["training_images_per_sec"].values())
     result["slowest_loader_over_fastest_training"] = min(result["loader_images_per_sec"].values()) / fastest_training
     return result
 
 
+def markdown(report: dict) -> str:
+    """The speed report as markdown tables."""
+    res, peaks = report["results"], report["results"]["_peaks_gflops"]
+    sw = report["switches"]
+    ref = "bf16" if sw["bf16"] else "fp32"
+    lines = [f"config `{report['config']}`, batch {report['batch_size']}, {report['device']}, "
+             f"{report['threads']} threads, switches {sw}; matmul peak measured in this run: "
+             f"fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s", "",
+             "| variant | s/step | images/s | time ratio | FLOP ratio | time/FLOP ratio | GFLOP/step | GFLOP/s "
+             f"| MFU ({ref} peak) | peak memory GiB | params |", "|" + " --- |" * 11]
+    for name, r in res.items():
+        if name.startswith("_"):
+            continue
+        mem = r.get("peak_memory_gib")
+        lines.append(f"| {name} | {r['sec_per_step']:.3f} | {r['images_per_sec']:.1f} | {r['ratio_to_baseline']:.2f} "
+                     f"| {r['flop_ratio_to_baseline']:.2f} | {r['time_ratio_over_flop_ratio']:.2f} "
+                     f"| {r['gflop_per_step']:.1f} | {r['achieved_gflops']:.1f} | {100 * r[f'mfu_vs_{ref}_peak']:.0f}% "
+                     f"| {'-' if mem is None else f'{mem:.2f}'} | {r['params']:,} |")
+    if report.get("sampling"):
+        lines += ["", f"Sampling, batch {report['sample_batch']}, {report['sample_nfe']} network evaluations "
+                  "per sample (Heun: NFE/2 steps; RK45 adaptive):", "",
+                  "| model: sampler | images/s | NFE xhat | NFE F | seconds |", "| --- | --- | --- | --- | --- |"]
+        for name, r in report["sampling"].items():
+            lines.append(f"| {name} | {r['images_per_sec']:.1f} | {r['nfe_xhat']} | {r['nfe_f']} "
+                         f"| {r['seconds']:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["speed", "data"])
-    p.add_argument("--config", default="configs/ndm_mnist.yaml")
+    p.add_argument("--config", default="configs/bench_cifar_size.yaml")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=10, help="steps per variant per round")
+    p.add_argument("--steps", type=int, default=3, help="steps per variant per round")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (F stays float32 by design)")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser network (not F: forward-mode)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sample-nfe", type=int, default=10, help="network evaluations per sample (0: no sampling)")
+    p.add_argument("--sample-batch", type=int, default=32)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--out", type=Path, default=None, help="also write OUT.json and OUT.md")
     p.add_argument("--images", type=int, default=8192, help="data: images decoded per loader measurement")
     args = p.parse_args()
     if args.what == "data":
-        result = data(args.config, args.images)
+        result = data("configs/ndm_mnist.yaml" if args.config.endswith("bench_cifar_size.yaml") else args.config,
+                      args.images)
         print(json.dumps({"config": args.config, "threads": torch.get_num_threads(), **result}, indent=2))
         print("\n| what | images/s |\n| --- | --- |")
         for group in ("loader_images_per_sec", "training_images_per_sec"):
@@ -119,13 +289,21 @@ def main() -> None:
                 print(f"| {'loader' if group.startswith('loader') else 'training'}: {name} | {rate:,.0f} |")
         print(f"\nslowest loader / fastest training: {result['slowest_loader_over_fastest_training']:.0f}x")
         return
-    result = speed(args.config, args.batch_size, args.steps, args.rounds)
-    print(json.dumps({"config": args.config, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
-                      "results": result}, indent=2))
-    print("\n| variant | s/step | ratio | images/s | params |\n| --- | --- | --- | --- | --- |")
-    for name, r in result.items():
-        print(f"| {name} | {r['sec_per_step']:.3f} | {r['ratio_to_baseline']:.2f} | {r['images_per_sec']:.1f} "
-              f"| {r['params']:,} |")
+    sw = Switches(args.bf16, args.channels_last, args.compile, args.device)
+    report = {"config": args.config, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+              "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+              "torch": torch.__version__, "switches": vars(sw),
+              "results": speed(args.config, args.batch_size, args.steps, args.rounds, sw=sw, memory=not args.no_memory)}
+    if args.sample_nfe:
+        report |= {"sample_nfe": args.sample_nfe, "sample_batch": args.sample_batch,
+                   "sampling": sampling(args.config, args.sample_batch, args.sample_nfe, sw)}
+    text = markdown(report)
+    print(json.dumps(report, indent=2))
+    print("\n" + text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(text + "\n")
 
 
 if __name__ == "__main__":

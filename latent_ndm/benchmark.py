@@ -106,37 +106,40 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int = 2048, reps: int = 10) -> float:
-    """Achieved FLOP/s of an n x n matmul in `dtype`: the best of 5 rounds (this machine's practical peak)."""
+def matmul_peak(dtype: torch.dtype, device: str = "cpu", sizes: tuple[int, ...] = (1024, 2048, 3072),
+                reps: int = 4) -> float:
+    """Achieved FLOP/s of square matmuls in `dtype`: the best over sizes and 3 rounds (the practical peak)."""
     g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
-    for _ in range(3):
-        a @ b
     best = 0.0
-    for _ in range(5):
-        _sync(torch.device(device))
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        _sync(torch.device(device))
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+    for n in sizes:
+        a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
+        a @ b
+        for _ in range(3):
+            _sync(torch.device(device))
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            _sync(torch.device(device))
+            best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
     return best
 
 
 def peak_memory(config: str, variant: str, batch_size: int, sw: Switches, steps: int = 2) -> float:
-    """Peak memory of training steps in bytes: max allocated on a GPU; on a CPU the peak RSS of a fresh
-    process that builds this variant alone and runs `steps` steps (RSS never falls, so one process each)."""
+    """Peak memory of training steps in bytes: max allocated on a GPU; on a CPU the peak RSS (VmHWM) of a
+    fresh process that builds this variant alone and runs `steps` steps (RSS never falls, so one process
+    each; not getrusage's ru_maxrss, which Linux carries over from the forking parent through exec)."""
     if sw.device.startswith("cuda"):
         step = Step(config, VARIANTS[variant], batch_size, sw)
         torch.cuda.reset_peak_memory_stats()
         for _ in range(steps):
             step()
         return float(torch.cuda.max_memory_allocated())
-    code = ("import json, resource, sys; from latent_ndm.benchmark import Step, Switches, VARIANTS; "
+    code = ("import json, sys; from latent_ndm.benchmark import Step, Switches, VARIANTS; "
             "a = json.loads(sys.argv[1])\n"
             "s = Step(a['config'], VARIANTS[a['variant']], a['batch'], Switches(**a['sw']))\n"
             "for _ in range(a['steps']): s()\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
+            "print(int(hwm.split()[1]) * 1024)")
     arg = json.dumps({"config": config, "variant": variant, "batch": batch_size, "sw": vars(sw), "steps": steps})
     out = subprocess.run([sys.executable, "-c", code, arg], check=True, capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1])

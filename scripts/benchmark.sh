@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks measured side by side in one run, e.g.:
-#   scripts/benchmark.sh speed [--config configs/ndm_mnist.yaml] [--batch-size 32]
+#   scripts/benchmark.sh speed [--config configs/bench_cifar_size.yaml] [--batch-size 32] [--bf16] [--channels-last]
+#                              [--compile] [--sample-nfe 10] [--out docs/bench/cpu_fp32]
+#   scripts/benchmark.sh data
 source "$(dirname "$0")/_env.sh"
 exec python -m latent_ndm.benchmark "$@"

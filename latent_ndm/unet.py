@@ -2,10 +2,8 @@
 
 Forward-mode AD (``torch.func.jvp`` / ``torch.autograd.forward_ad``) in t must work, including
 reverse-over-forward, so attention is written out explicitly: the fused SDPA kernels have no
-forward-AD rule. `UNet.forward_and_time_derivative` gives the output and its derivative in t by a
-hand-written tangent pass (latent_ndm.tangents), about twice a forward's cost instead of jvp's
-~4.6x. Normalisation runs in at least float32 so bf16 autocast keeps primal and tangent
-dtypes aligned (see ../shared/PITFALLS.md).
+forward-AD rule; `forward_and_time_derivative` is a hand-written tangent pass (latent_ndm.tangents).
+Normalisation runs in at least float32 so bf16 autocast keeps primal and tangent dtypes aligned.
 """
 
 from __future__ import annotations

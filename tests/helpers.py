@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
+
+
+@pytest.fixture
+def float64():
+    """float64 as the default dtype for one test (closed-form comparisons to round-off), then restored.
+    A module opts in with `pytestmark = pytest.mark.usefixtures("float64")` after importing it."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def perturbed(module: nn.Module, seed: int, scale: float = 0.05) -> nn.Module:

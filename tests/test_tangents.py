@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import perturbed
+from helpers import float64, perturbed  # noqa: F401 (fixture)
 from torch import nn
 
 from latent_ndm import tangents as D
@@ -14,14 +14,7 @@ from latent_ndm.schedules import LearnedGamma
 from latent_ndm.transforms import NeuralTransform
 from latent_ndm.unet import UNet, build_unet
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    """float64 throughout, so the two computations must agree to round-off."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")  # the two computations must agree to round-off
 
 
 def _jvp(fn, x, dx):

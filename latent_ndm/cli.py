@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import CheckpointError
 from .config import ConfigError, LatentRunConfig, RunConfig, VAERunConfig, load_config
 from .experiment import pixel_task
 from .images import save_grid
 from .samplers import SAMPLERS, get_sampler
-from .train import train
+from .train import TrainingInterrupted, train
 
 
 def _parse_steps(text: str) -> list[int]:
@@ -315,7 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, FileNotFoundError, ModuleNotFoundError, ValueError) as e:
+    except TrainingInterrupted as e:  # SIGTERM/SIGINT: checkpointed, resumable; the shell's exit code for it
+        print(f"stopped: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except (ConfigError, CheckpointError, FloatingPointError, ModuleNotFoundError, OSError, ValueError) as e:
+        # One readable line for what users can fix (bad config, data, paths, a full disk); no traceback.
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -122,6 +122,7 @@ class TrainConfig:
     num_samples: int = 64
     ckpt_every: int = 500
     keep_checkpoints: int = 3  # the newest K checkpoints are kept
+    max_nonfinite_steps: int = 20  # stop after this many non-finite steps in a row (each is skipped); 0: never
 
 
 @dataclass
@@ -308,6 +309,13 @@ def _validate_common(cfg: RunConfig | VAERunConfig | LatentRunConfig) -> None:
     t, d = cfg.train, cfg.data
     if t.steps < 0 or t.batch_size < 1:
         raise ConfigError("train.steps must be >= 0 and train.batch_size >= 1")
+    if not t.lr > 0 or t.weight_decay < 0 or t.grad_clip < 0 or t.warmup_steps < 0:
+        raise ConfigError(f"train.lr = {t.lr} must be > 0; train.weight_decay, train.grad_clip and "
+                          "train.warmup_steps >= 0")
+    if not all(0.0 <= b < 1.0 for b in t.betas):
+        raise ConfigError(f"train.betas = {t.betas}; both must lie in [0, 1)")
+    if t.ckpt_every < 0 or t.keep_checkpoints < 0 or t.max_nonfinite_steps < 0:
+        raise ConfigError("train.ckpt_every, train.keep_checkpoints and train.max_nonfinite_steps must be >= 0")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay = {t.ema_decay}; must lie in [0, 1)")
     if d.channels < 1 or d.image_size < 1:

@@ -144,6 +144,7 @@ class NDM(nn.Module):
         in continuous time while training, from the learned importance proposal).
         noise: a `Noise` (per-example keyed draws, see latent_ndm.noise), or one generator for all.
         """
+        self._check_data(x)
         T = self.num_steps if num_steps is None else num_steps
         if not isinstance(noise, Noise):
             noise = Noise.from_generator(noise, x.shape[0], x.device)
@@ -161,6 +162,20 @@ class NDM(nn.Module):
         if sampler is not None:
             sampler.update(t, diff.detach())
         return {"rec": self.reconstruction_loss(x, eps_0), "diff": diff * weight, "prior": self.prior_loss(x)}
+
+    def _check_data(self, x: Tensor) -> None:
+        # Catches the usual slips at the API boundary (uint8 pixels, [0, 255] or [0, 1] floats) instead of
+        # returning a plausible-looking but meaningless bound. The range check costs one reduction.
+        if not x.is_floating_point():
+            raise TypeError(f"NDM.nelbo expects float data in model space, got {x.dtype} (encode uint8 pixels "
+                            "with PixelCodec first)")
+        if x.ndim < 2 or x.shape[0] == 0:
+            raise ValueError(f"NDM.nelbo expects a non-empty batch [B, ...], got shape {tuple(x.shape)}")
+        if self.likelihood == "discrete8bit":
+            lo, hi = torch.aminmax(x.detach())
+            if lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
+                raise ValueError(f"pixels in model space lie in [-1, 1]; got values in [{lo.item():.3g}, "
+                                 f"{hi.item():.3g}] (PixelCodec.encode maps uint8 images there)")
 
     def reconstruction_loss(self, x: Tensor, eps_0: Tensor) -> Tensor:
         """L_rec = -log p(x | z_0), z_0 = alpha_0 F(x,0) + sigma_0 eps_0, in nats [B].

@@ -50,7 +50,10 @@ class Noise:
     @classmethod
     def from_generator(cls, generator: torch.Generator | None, batch_size: int,
                        device: torch.device | str = "cpu") -> Noise:
-        """All draws from one generator, stratified over this batch (a single process's own batch)."""
+        """All draws from one generator, stratified over this batch (a single process's own batch).
+        None: a generator seeded from torch's global RNG (so torch.manual_seed makes it repeatable)."""
+        if generator is None:
+            generator = torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,))))
         return cls([generator], [batch_size], generator, torch.arange(batch_size, device=device), batch_size)
 
     @classmethod

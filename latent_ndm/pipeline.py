@@ -26,7 +26,7 @@ from torch import Tensor
 
 from vae.model import VAE
 
-from .checkpoint import load_weights, save_weights
+from .checkpoint import load_weights, read_run_config, save_weights
 from .codec import PixelCodec
 from .config import LatentRunConfig, RunConfig, from_dict, to_dict
 from .evaluate import evaluate_nelbo
@@ -48,7 +48,9 @@ PRIOR_WEIGHTS, VAE_DIR = "prior.safetensors", "vae"  # a saved latent model: con
 
 
 def _read_config(path: Path) -> dict | None:
-    return json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else None
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path} does not exist (expected a run or saved model directory)")
+    return read_run_config(path) if (Path(path) / "config.json").is_file() else None
 
 
 def is_latent(path: str | Path) -> bool:
@@ -109,7 +111,7 @@ class NDMPipeline(_Pipeline):
         if is_latent(path):
             raise ValueError(f"{path} holds a latent model: load it with LatentNDMPipeline (or load_pipeline)")
         if (path / WEIGHTS).is_file() and (path / "config.json").is_file():
-            cfg = from_dict(RunConfig, json.loads((path / "config.json").read_text()))
+            cfg = from_dict(RunConfig, read_run_config(path))
             model = build_model(cfg)
             load_weights(model, path / WEIGHTS)
         elif (path / "config.json").is_file():

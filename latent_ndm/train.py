@@ -14,6 +14,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from accelerate.utils import broadcast_object_list
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, resume_checkpoint, save_checkpoint, write_atomic
 from .config import ConfigError, RunConfig, config_diff, from_dict, to_dict
 from .data import Batch
 from .images import save_grid
@@ -36,7 +38,45 @@ from .noise import Noise, derive_seed
 # chooses how the same derivative dF/dt is computed).
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.eval_every", "train.eval_examples",
                   "train.sample_every", "train.sample_steps", "train.num_samples", "train.ckpt_every",
-                  "train.keep_checkpoints", "eval.", "model.fdot")
+                  "train.keep_checkpoints", "train.max_nonfinite_steps", "eval.", "model.fdot")
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM or SIGINT arrived: the run saved a checkpoint at `step` and stopped; rerunning resumes it."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        self.signum, self.step = signum, step
+        where = f"checkpoint {checkpoint}" if checkpoint else "checkpoint"
+        super().__init__(f"{signal.Signals(signum).name} received: stopped at step {step} after writing its "
+                         f"{where}; run the same command again to resume")
+
+
+class _StopSignals:
+    """Turns SIGTERM (pre-emption: schedulers send it before SIGKILL) and SIGINT (Ctrl-C) into a request
+    to checkpoint and stop after the current step. A second signal acts as if no handler were set."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # asked twice: stop now
+            signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
+            signal.raise_signal(signum)
+            return
+        self.received = signum
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for s in self.SIGNALS:
+                self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 class Objective(Protocol):
@@ -107,7 +147,10 @@ def _check_config(run_dir: Path, cfg: RunConfig, allow_change: bool) -> None:
     saved = run_dir / "config.json"
     if not saved.exists():
         return
-    old = json.loads(saved.read_text())
+    try:
+        old = json.loads(saved.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{saved} is unreadable ({e}); restore it or use a new run name") from e
     try:  # keys added since the run started take their defaults, which is what the run used
         old = to_dict(from_dict(type(cfg), old))
     except ConfigError:
@@ -123,9 +166,17 @@ def _check_config(run_dir: Path, cfg: RunConfig, allow_change: bool) -> None:
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop rows logged after the checkpoint being resumed: those steps are about to be redone."""
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(r + "\n" for r in rows))
+    if not path.exists():
+        return
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            keep = json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):  # the line a killed process was writing
+            continue
+        if keep:
+            rows.append(line)
+    write_atomic(path, "".join(r + "\n" for r in rows))
 
 
 def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path:
@@ -137,7 +188,7 @@ def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path
     _check_config(run_dir, cfg, allow_config_change)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        write_atomic(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
 
     # Model, EMA, optimizer, warm-up schedule.
     model = task.model.to(device)
@@ -154,7 +205,7 @@ def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path
     # Resume. Rank 0 chooses the checkpoint for everyone (out_dir must be shared by all machines), so
     # that ranks never start from different steps.
     step, skipped, data_skipped, lanes, saved_step = 0, 0, 0, None, -1
-    found = broadcast_object_list([str(latest_checkpoint(run_dir) or "") if is_main else None])[0]
+    found = broadcast_object_list([str(resume_checkpoint(run_dir) or "") if is_main else None])[0]
     ckpt = Path(found) if found else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, modules)
@@ -170,15 +221,26 @@ def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path
     def total_data_skipped() -> int:  # a collective: every process calls it
         return int(accelerator.reduce(torch.tensor([data_skipped], device=device), "sum").item())
 
-    def checkpoint() -> None:
+    def checkpoint() -> Path:
         nonlocal saved_step
         bad_data = total_data_skipped()
+        path, error = run_dir / "checkpoints" / f"step_{step:08d}", None
         if is_main:
             state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "skipped_steps": skipped, "data_skipped": bad_data, "data_lanes": lanes}
-            save_checkpoint(run_dir, step, modules, state, keep=tc.keep_checkpoints)
+            try:
+                save_checkpoint(run_dir, step, modules, state, keep=tc.keep_checkpoints)
+            except (OSError, FloatingPointError) as e:
+                error = e
+        # Every rank learns of a failed write and stops with it, rather than waiting for rank 0 forever.
+        message = broadcast_object_list([str(error) if error else None])[0]
+        if error is not None:
+            raise error
+        if message is not None:
+            raise CheckpointError(f"rank 0 could not write a checkpoint: {message}")
         saved_step = step
         accelerator.wait_for_everyone()
+        return path
 
     def every(n: int) -> bool:
         return n > 0 and (step % n == 0 or step == tc.steps)
@@ -186,62 +248,78 @@ def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path
     logger = MetricsLogger(run_dir, is_main)
     stream = task.train_batches(step)
     eval_model = ema.model if ema else raw
-    bar = tqdm(total=tc.steps, initial=step, disable=not is_main, desc=cfg.name, dynamic_ncols=True)
     skipped_in_row, t_last, step_last = 0, time.perf_counter(), step
-    while step < tc.steps:
-        batch = next(stream)
-        if lanes is not None and batch.num_lanes != lanes:
-            # data.lanes = 0 resolves to processes x workers: relaunching differently would change the data.
-            raise ConfigError(f"this run was trained with {lanes} data lanes but now has {batch.num_lanes}; "
-                              f"resume with data.lanes={lanes}")
-        lanes = batch.num_lanes
-        data_skipped += batch.skipped
-        torch.manual_seed(derive_seed(tc.seed, "device-rng", step, accelerator.process_index))  # dropout
-        with accelerator.autocast():
-            nats, metrics = task.objective(model, batch.images.to(device, non_blocking=True),
-                                            batch.noise(tc.seed, step, device), step)
-        loss = nats.mean() * task.objective.loss_scale
-        accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
-        # grad_norm is computed from all-reduced gradients, so every rank takes the same decision.
-        if torch.isfinite(grad_norm):
-            skipped_in_row = 0
-            optimizer.step()
-            scheduler.step()
-            if ema:
-                ema.update(raw, step)
-        else:
-            # A non-finite step is counted but not applied: it would poison the weights and the EMA.
-            skipped, skipped_in_row = skipped + 1, skipped_in_row + 1
-            if skipped_in_row >= 20:
-                raise FloatingPointError(f"20 non-finite steps in a row at step {step}; last good checkpoint kept")
-        # Flush the gradients now: their memory is not needed until the next backward.
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
+    # The bar closes before an error propagates, so the message starts on a line of its own.
+    with _StopSignals() as stop, tqdm(total=tc.steps, initial=step, disable=not is_main, desc=cfg.name,
+                                      dynamic_ncols=True) as bar:
+        while step < tc.steps:
+            batch = next(stream)
+            if lanes is not None and batch.num_lanes != lanes:
+                # data.lanes = 0 resolves to processes x workers: relaunching differently would change the data.
+                raise ConfigError(f"this run was trained with {lanes} data lanes but now has {batch.num_lanes}; "
+                                  f"resume with data.lanes={lanes}")
+            lanes = batch.num_lanes
+            data_skipped += batch.skipped
+            torch.manual_seed(derive_seed(tc.seed, "device-rng", step, accelerator.process_index))  # dropout
+            with accelerator.autocast():
+                nats, metrics = task.objective(model, batch.images.to(device, non_blocking=True),
+                                                batch.noise(tc.seed, step, device), step)
+            loss = nats.mean() * task.objective.loss_scale
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+            # One small collective per step: is the loss non-finite anywhere (grad_norm comes from all-reduced
+            # gradients, so it is the same on every rank), and has any rank been asked to stop? Every rank
+            # takes the same decisions.
+            flags = torch.stack([~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm),
+                                 torch.tensor(stop.received is not None, device=device)]).float()
+            if accelerator.num_processes > 1:
+                flags = accelerator.reduce(flags, "sum")
+            nonfinite, stop_now = (v > 0 for v in flags.tolist())
+            if not nonfinite:
+                skipped_in_row = 0
+                optimizer.step()
+                scheduler.step()
+                if ema:
+                    ema.update(raw, step)
+            else:
+                # A non-finite step is counted but not applied: it would poison the weights and the EMA.
+                skipped, skipped_in_row = skipped + 1, skipped_in_row + 1
+                if skipped_in_row >= tc.max_nonfinite_steps > 0:
+                    kept = (f"the last checkpoint (step {saved_step}, {run_dir / 'checkpoints'}) holds finite weights"
+                            if saved_step >= 0 else "no checkpoint was written yet")
+                    raise FloatingPointError(
+                        f"{skipped_in_row} non-finite steps in a row (steps {step - skipped_in_row + 1}-{step}): "
+                        f"training stopped; {kept}. Lower train.lr, check the data, or raise "
+                        "train.max_nonfinite_steps.")
+            # Flush the gradients now: their memory is not needed until the next backward.
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
 
-        if every(tc.log_every):
-            now = time.perf_counter()
-            # Means over the global batch (a collective: every process takes part).
-            local = torch.stack([loss.detach().float(), *(v.float() for v in metrics.values())])
-            means = accelerator.reduce(local, "mean").tolist()
-            bad_data = total_data_skipped()
-            logged = {"loss": means[0], "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0],
-                      "skipped_steps": skipped, "data_skipped": bad_data,
-                      "sec_per_step": (now - t_last) / max(1, step - step_last)}
-            logged |= dict(zip(metrics, means[1:]))
-            t_last, step_last = now, step
-            logger.log(step, logged)
-            bar.set_postfix(loss=f"{logged['loss']:.4f}")
-        if task.evaluate is not None and every(tc.eval_every):
-            results = task.evaluate(eval_model)  # every process evaluates its share
-            logger.log(step, {f"test_{k}": v for k, v in results.items()})
-        if task.sample is not None and every(tc.sample_every) and is_main:
-            images = task.sample(eval_model, torch.Generator(device).manual_seed(tc.seed))
-            save_grid(images, run_dir / "samples" / f"step_{step:08d}.png", task.sample_nrow)
-        if every(tc.ckpt_every):
-            checkpoint()
-    bar.close()
+            if every(tc.log_every):
+                now = time.perf_counter()
+                # Means over the global batch (a collective: every process takes part).
+                local = torch.stack([loss.detach().float(), *(v.float() for v in metrics.values())])
+                means = accelerator.reduce(local, "mean").tolist()
+                bad_data = total_data_skipped()
+                logged = {"loss": means[0], "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0],
+                          "skipped_steps": skipped, "data_skipped": bad_data,
+                          "sec_per_step": (now - t_last) / max(1, step - step_last)}
+                logged |= dict(zip(metrics, means[1:]))
+                t_last, step_last = now, step
+                logger.log(step, logged)
+                bar.set_postfix(loss=f"{logged['loss']:.4f}")
+            if task.evaluate is not None and every(tc.eval_every):
+                results = task.evaluate(eval_model)  # every process evaluates its share
+                logger.log(step, {f"test_{k}": v for k, v in results.items()})
+            if task.sample is not None and every(tc.sample_every) and is_main:
+                images = task.sample(eval_model, torch.Generator(device).manual_seed(tc.seed))
+                save_grid(images, run_dir / "samples" / f"step_{step:08d}.png", task.sample_nrow)
+            if every(tc.ckpt_every):
+                checkpoint()
+            if stop_now and step < tc.steps:
+                path = checkpoint() if saved_step != step else run_dir / "checkpoints" / f"step_{step:08d}"
+                raise TrainingInterrupted(stop.received or signal.SIGTERM, step, path)
     if saved_step != step:
         checkpoint()
     if task.finish is not None and is_main:

@@ -44,8 +44,11 @@ def test_save_and_load_round_trip_gives_identical_samples(run_dir: Path, tmp_pat
         pipe.nelbo_bpd(torch.zeros(2, 1, 28, 28))
     with pytest.raises(ValueError, match=r"shape \[N, 1, 28, 28\]"):
         pipe.nelbo_bpd(torch.zeros(2, 3, 28, 28, dtype=torch.uint8))
-    with pytest.raises(FileNotFoundError, match="neither a saved model"):
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
         NDMPipeline.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither a saved model"):
+        NDMPipeline.from_pretrained(tmp_path / "empty")
 
 
 def test_cli_sample_evaluate_and_pictures(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -81,8 +81,11 @@ def test_run_directory_and_save_load_round_trip(run_dir: Path, tmp_path: Path) -
         pipe.encode(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r"latents must be float \[N, 2, 14, 14\]"):
         pipe.decode(torch.zeros(2, 2, 7, 7))
-    with pytest.raises(FileNotFoundError, match="neither a saved latent model"):
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
         LatentNDMPipeline.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither a saved latent model"):
+        LatentNDMPipeline.from_pretrained(tmp_path / "empty")
     with pytest.raises(ValueError, match="latent model"):
         NDMPipeline.from_pretrained(saved)
 

@@ -28,7 +28,14 @@ from accelerate.utils import broadcast_object_list
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, load_checkpoint, resume_checkpoint, save_checkpoint, write_atomic
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_dirs,
+    load_checkpoint,
+    resume_checkpoint,
+    save_checkpoint,
+    write_atomic,
+)
 from .config import ConfigError, RunConfig, config_diff, from_dict, to_dict
 from .data import Batch
 from .images import save_grid
@@ -145,8 +152,8 @@ class MetricsLogger:
 
 def _check_config(run_dir: Path, cfg: RunConfig, allow_change: bool) -> None:
     saved = run_dir / "config.json"
-    if not saved.exists():
-        return
+    if not saved.exists() or not checkpoint_dirs(run_dir):
+        return  # nothing to resume (e.g. a start that failed on bad data): the new config simply applies
     try:
         old = json.loads(saved.read_text())
     except ValueError as e:
@@ -215,8 +222,8 @@ def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path
         # The saved count is the total over processes: rank 0 carries it on.
         data_skipped, lanes, saved_step = state.get("data_skipped", 0) if is_main else 0, state.get("data_lanes"), step
         accelerator.print(f"resumed from {ckpt} at step {step}")
-        if is_main:
-            _truncate_metrics(run_dir / "metrics.jsonl", step)
+    if is_main:  # rows logged after the checkpoint (or, from step 0, by an earlier start) are redone
+        _truncate_metrics(run_dir / "metrics.jsonl", step)
 
     def total_data_skipped() -> int:  # a collective: every process calls it
         return int(accelerator.reduce(torch.tensor([data_skipped], device=device), "sum").item())

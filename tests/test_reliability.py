@@ -264,3 +264,16 @@ def test_empty_image_folder_and_bad_python_inputs(tmp_path: Path, capsys: pytest
     a = ndm.nelbo(good)["diff"]  # no generator: torch's global RNG, so manual_seed repeats it
     torch.manual_seed(5)
     assert torch.equal(a, ndm.nelbo(good)["diff"])
+
+
+def test_a_start_that_failed_before_any_checkpoint_does_not_block_the_corrected_one(tmp_path: Path,
+                                                                                    mnist_shards: Path) -> None:
+    args = ["train", "configs/ndm_mnist.yaml", f"out_dir={tmp_path}", "name=retry", "train.steps=2",
+            "train.batch_size=8", "train.log_every=1", "train.eval_every=0", "train.sample_every=0",
+            *[f"model.{n}.{o}" for n in ("denoiser", "transform_net") for o in ("channels=8", "channel_mult=[1,2]")]]
+    assert main([*args, "data.shards=/no/such/shards"]) == 1
+    (tmp_path / "retry" / "metrics.jsonl").write_text('{"step": 1, "loss": 99.0}\n{"step": 2, "lo')  # stale rows
+    assert main([*args, f"data.shards={mnist_shards}"]) == 0
+    assert [r["step"] for r in map(json.loads, (tmp_path / "retry" / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r] == [1, 2]
+    assert 99.0 not in losses(tmp_path / "retry")

@@ -150,18 +150,41 @@ def to_bin_index(x: Tensor) -> Tensor:
     return ((x + 1) * 128 - 0.5).round().clamp(0, 255).long()
 
 
+def bin_window(log_var: float, tail: float = 2.0 ** -40) -> int:
+    """How many of the 256 bins around the nearest one carry all of p(x | z_0) but `tail`.
+
+    With s^2 = sigma_0^2 / alpha_0^2 = exp(gamma_0) and bin width d = 2/256, a bin m >= K + 1 places from
+    z_0's nearest bin has a logit at least K(K + 1) d^2 / (2 s^2) below that bin's, so the <= 255 bins
+    outside a window of radius K add at most 255 exp(-K(K + 1) d^2 / (2 s^2)) to the normaliser, relative
+    to its largest term. The window is the smallest with that <= tail (2^-40, far below float32's 2^-24):
+    3 bins at VDM's gamma_0 = -13.3, all 256 only once s exceeds a few bins.
+    """
+    need = 2.0 * math.exp(log_var) * math.log(255.0 / tail) / (2.0 / 256) ** 2  # K(K + 1) >= need
+    radius = math.ceil((math.sqrt(1.0 + 4.0 * need) - 1.0) / 2.0)
+    return min(2 * radius + 1, 256)
+
+
 def reconstruction_nll_discrete(x: Tensor, z_0: Tensor, gamma_0: Tensor) -> Tensor:
     """-log p(x | z_0) for 8-bit data on the bin centres, in nats, [B] (VDM's exact discrete decoder).
 
     p(x = y_k | z_0) = softmax_k( -(z_0 - alpha_0 y_k)^2 / (2 sigma_0^2) ), independently per dimension.
+    The normaliser sums over the window of bins around z_0/alpha_0 that holds all its mass but 2^-40
+    (`bin_window`): the same value as the 256-bin sum in float32, at a small fraction of its cost, which
+    on a CPU was a third of a baseline training step (exp of large negative logits is a slow path).
     """
     alpha_0, sigma_0 = alpha_sigma(gamma_0)
     z = z_0.to(torch.promote_types(z_0.dtype, torch.float32))  # bf16 cannot resolve sigma_0 ~ 1e-3
-    y = bin_centres(x.device, z.dtype)
-    a = expand(alpha_0, z).unsqueeze(-1)
-    inv_2var = expand(0.5 / sigma_0.square(), z).unsqueeze(-1)
-    logits = -(z.unsqueeze(-1) - a * y).square() * inv_2var  # [B, ..., 256]
-    logp = logits.gather(-1, to_bin_index(x).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    a = expand(alpha_0, z)
+    inv_2var = expand(0.5 / sigma_0.square(), z)
+    n = bin_window(gamma_0.detach().max().item())
+    with torch.no_grad():  # the window's placement: a choice of summands, not a function to differentiate
+        nearest = to_bin_index((z / a).clamp(-1, 1))
+        first = (nearest - n // 2).clamp(0, 256 - n)
+        window = first.unsqueeze(-1) + torch.arange(n, device=z.device)  # [B, ..., n]
+    centres = lambda k: (k * 2 + 1).to(z.dtype) / 256 - 1  # noqa: E731  (bin_centres()[k], unmaterialised)
+    logit_x = -(z - a * centres(to_bin_index(x))).square() * inv_2var
+    logits = -(z.unsqueeze(-1) - a.unsqueeze(-1) * centres(window)).square() * inv_2var.unsqueeze(-1)
+    logp = logit_x - logits.logsumexp(-1)
     return -sum_except_batch(logp).to(torch.float64)
 
 

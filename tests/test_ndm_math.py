@@ -243,6 +243,29 @@ def test_schedules_are_monotone_and_hit_their_endpoints() -> None:
         torch.testing.assert_close(dg[1:-1], fd, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("gamma_0", [-13.3, -9.0, -5.0, 0.0, 4.0])
+def test_discrete_decoder_window_equals_the_256_bin_softmax(gamma_0: float) -> None:
+    """The bin window carries all of p(x | z_0): value and gradients (z_0 and gamma_0) equal the full
+    log-softmax over the 256 bins, for z_0 spread over and beyond [-alpha_0, alpha_0]."""
+    g = torch.Generator().manual_seed(7)
+    x = P.bin_centres(dtype=torch.float64)[torch.randint(0, 256, (4, 2, 6, 6), generator=g)]
+    gamma = torch.full((4,), gamma_0, requires_grad=True)
+    alpha = torch.sigmoid(-gamma).sqrt().view(-1, 1, 1, 1)
+    scale = torch.tensor([1.0, 3.0, 30.0, 0.0]).view(-1, 1, 1, 1) * math.exp(gamma_0 / 2)
+    z0 = alpha * x + scale * torch.randn(x.shape, generator=g)
+    z0[3] += 1.5 * x[3].sign()  # beyond the outermost bins: the window sits at an end of the range
+    z0 = z0.detach().requires_grad_()
+    ours = P.reconstruction_nll_discrete(x, z0, gamma)
+    logits = Normal(torch.sigmoid(-gamma).sqrt().view(-1, 1, 1, 1, 1) * P.bin_centres(dtype=torch.float64),
+                    torch.sigmoid(gamma).sqrt().view(-1, 1, 1, 1, 1)).log_prob(z0[..., None])
+    k = torch.round((x + 1) * 128 - 0.5).long()
+    want = -torch.log_softmax(logits, -1).gather(-1, k[..., None]).flatten(1).sum(1)
+    torch.testing.assert_close(ours, want, rtol=1e-10, atol=0)
+    for a, b in zip(torch.autograd.grad(ours.sum(), [z0, gamma]), torch.autograd.grad(want.sum(), [z0, gamma])):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item())  # logits up to 1e4
+    assert P.bin_window(-13.3) == 3 and P.bin_window(4.0) == 256
+
+
 def test_gaussian_decoder_and_bits_per_dim() -> None:
     """Continuous data (latents): -log N(x; z_0/alpha_0, sigma_0^2/alpha_0^2 I), against torch.distributions."""
     g = torch.Generator().manual_seed(4)

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
@@ -44,6 +45,12 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm evaluated in at least float32 and cast back to the input dtype."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not _forward_ad(x):
+            # The CPU kernel takes a half-precision x with float32 affine parameters and accumulates the
+            # statistics in float32 itself: the round trip below at a quarter of its cost (two fewer
+            # passes over the activation, a third of a bf16 step's non-convolution time). Its forward-mode
+            # rule would return a float32 tangent, hence the round trip under jvp.
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         # bf16 statistics are too coarse, and under CPU autocast a plain GroupNorm left a bf16 primal
         # with an fp32 tangent that the next conv rejected; an explicit round trip keeps both in x.dtype.
         # promote_types keeps float64 models in float64 (gradient checks).
@@ -51,6 +58,11 @@ class GroupNorm32(nn.GroupNorm):
         weight = None if self.weight is None else self.weight.to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
         return F.group_norm(x.to(dtype), self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+
+def _forward_ad(x: Tensor) -> bool:
+    """Whether x carries a forward-mode tangent (torch.func.jvp or torch.autograd.forward_ad)."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(x) or forward_ad.unpack_dual(x).tangent is not None
 
 
 def _zero(module: nn.Module) -> nn.Module:

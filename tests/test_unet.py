@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.autograd import forward_ad as fwad
 
-from latent_ndm.unet import UNET_SIZES, UNet, build_unet
+from latent_ndm.unet import UNET_SIZES, GroupNorm32, UNet, build_unet
 
 # torch loads its jvp decompositions through the deprecated torch.jit.script on first forward-AD use.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
@@ -168,3 +169,23 @@ def test_presets_build(size: str, ch: int, res: int, lo: float, hi: float) -> No
 
 def test_every_preset_is_tested() -> None:
     assert set(UNET_SIZES) == {"tiny", "mnist", "small", "base", "ddpmpp_cifar10"}
+
+
+def test_groupnorm32_bf16_fast_path_equals_the_float32_round_trip() -> None:
+    """On CPU a bf16 input goes straight to the mixed-precision kernel (float32 statistics); output and
+    gradients equal GroupNorm in float32 cast back to bf16, to bf16 rounding."""
+    g = torch.Generator().manual_seed(0)
+    norm = GroupNorm32(4, 16)
+    with torch.no_grad():
+        norm.weight.normal_(generator=g), norm.bias.normal_(generator=g)
+    x = (3 + 2 * torch.randn(2, 16, 8, 8, generator=g)).bfloat16().requires_grad_()  # mean far from 0
+    dy = torch.randn(2, 16, 8, 8, generator=g).bfloat16()
+    fast = norm(x)
+    ref = F.group_norm(x.float(), 4, norm.weight, norm.bias, norm.eps)
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), ref.bfloat16().float(), rtol=2**-7, atol=2**-7)
+    got = torch.autograd.grad(fast, [x, norm.weight, norm.bias], dy)
+    want = torch.autograd.grad(ref, [x, norm.weight, norm.bias], dy.float())
+    torch.testing.assert_close(got[0].float(), want[0].float(), rtol=2**-6, atol=2**-6 * want[0].abs().max().item())
+    for a, b in zip(got[1:], want[1:]):  # float32 parameter gradients, accumulated in float32
+        torch.testing.assert_close(a, b, rtol=2**-7, atol=2**-7 * b.abs().max().item())

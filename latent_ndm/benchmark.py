@@ -148,36 +148,42 @@ def peak_memory(config: str, variant: str, batch_size: int, sw: Switches, steps:
 def speed(config: str, batch_size: int, steps: int, rounds: int, variants: list[str] | None = None,
           extra: tuple[str, ...] = (), sw: Switches | None = None, memory: bool = True) -> dict[str, dict[str, float]]:
     """Training steps of every variant timed in interleaved rounds (median per variant), with FLOPs per step,
-    achieved FLOP/s, MFU against the matmul peak measured in the same run, and peak memory."""
+    achieved FLOP/s, MFU against the matmul peak measured beside each variant's steps, and peak memory."""
     sw = sw or Switches()
     names = variants or list(VARIANTS)
     states = {name: Step(config, VARIANTS[name], batch_size, sw, extra) for name in names}
     flops = {name: st.flops() for name, st in states.items()}  # also the warm-up (allocator, first compile)
     for st in states.values():
         st()
+    ref = "bf16" if sw.bf16 else "fp32"
+    # The machine's speed drifts (shared hosts: 2-3x within a minute on some), so each variant's steps are
+    # paired with a matmul peak measured just before them, and MFU is the median of step / adjacent peak.
     times: dict[str, list[float]] = {name: [] for name in states}
+    mfus: dict[str, list[float]] = {name: [] for name in states}
     peaks = {"fp32": [], "bf16": []}
     for _ in tqdm(range(rounds), desc="rounds", leave=False):
-        peaks["fp32"].append(matmul_peak(torch.float32, sw.device))
-        peaks["bf16"].append(matmul_peak(torch.bfloat16, sw.device))
+        other = "fp32" if sw.bf16 else "bf16"
+        peaks[other].append(matmul_peak(torch.bfloat16 if other == "bf16" else torch.float32, sw.device))
         for name, st in states.items():
-            times[name] += [st.timed() for _ in range(steps)]
-    peak = {k: max(v) for k, v in peaks.items()}
-    ref = "bf16" if sw.bf16 else "fp32"
+            peak_now = matmul_peak(torch.bfloat16 if sw.bf16 else torch.float32, sw.device)
+            peaks[ref].append(peak_now)
+            for _ in range(steps):
+                times[name].append(st.timed())
+                mfus[name].append(flops[name] / times[name][-1] / peak_now)
     base_time, base_flops = statistics.median(times[names[0]]), flops[names[0]]
     out = {}
     for name, ts in times.items():
         med = statistics.median(ts)
-        achieved = flops[name] / med
         out[name] = {"sec_per_step": med, "images_per_sec": batch_size / med, "params": states[name].params,
                      "ratio_to_baseline": med / base_time, "gflop_per_step": flops[name] / 1e9,
                      "flop_ratio_to_baseline": flops[name] / base_flops,
                      "time_ratio_over_flop_ratio": (med / base_time) / (flops[name] / base_flops),
-                     "achieved_gflops": achieved / 1e9, f"mfu_vs_{ref}_peak": achieved / peak[ref]}
+                     "achieved_gflops": flops[name] / med / 1e9, f"mfu_vs_{ref}_peak": statistics.median(mfus[name])}
     if memory:
         for name in names:
             out[name]["peak_memory_gib"] = peak_memory(config, name, batch_size, sw) / 2**30
-    out["_peaks_gflops"] = {k: v / 1e9 for k, v in peak.items()}
+    out["_peaks_gflops"] = {k: statistics.median(v) / 1e9 for k, v in peaks.items()}
+    out["_peaks_gflops_max"] = {k: max(v) / 1e9 for k, v in peaks.items()}
     return out
 
 
@@ -240,11 +246,14 @@ def data(config: str, images: int, batch_size: int = 256) -> dict:
 def markdown(report: dict) -> str:
     """The speed report as markdown tables."""
     res, peaks = report["results"], report["results"]["_peaks_gflops"]
+    top = res.get("_peaks_gflops_max", peaks)
     sw = report["switches"]
     ref = "bf16" if sw["bf16"] else "fp32"
     lines = [f"config `{report['config']}`, batch {report['batch_size']}, {report['device']}, "
-             f"{report['threads']} threads, switches {sw}; matmul peak measured in this run: "
-             f"fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s", "",
+             f"{report['threads']} threads, switches {sw}; matmul peak measured in this run (median; max): "
+             f"fp32 {peaks['fp32']:.0f} ({top['fp32']:.0f}) GFLOP/s, bf16 {peaks['bf16']:.0f} ({top['bf16']:.0f}) "
+             f"GFLOP/s. MFU: median over steps of achieved FLOP/s over the {ref} peak measured just before "
+             "that variant's steps in the same round.", "",
              "| variant | s/step | images/s | time ratio | FLOP ratio | time/FLOP ratio | GFLOP/step | GFLOP/s "
              f"| MFU ({ref} peak) | peak memory GiB | params |", "|" + " --- |" * 11]
     for name, r in res.items():

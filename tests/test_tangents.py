@@ -55,6 +55,27 @@ def test_silu_scale_shift_and_attention_tangents() -> None:
     _close(got[0], ref[0]), _close(got[1], ref[1])
 
 
+def test_silu_tangent_backward_equals_autograd_of_the_jvp() -> None:
+    """The hand-written backward of the silu pair: gradients of (value, tangent) in (v, dv) equal reverse
+    mode through torch.func.jvp, also when only one of the two outputs is used."""
+    g = torch.Generator().manual_seed(2)
+    v, dv, w1, w2 = (torch.randn(3, 7, generator=g) * 3 for _ in range(4))
+    v, dv = v.requires_grad_(), dv.requires_grad_()
+    out, tan = D.silu((v, dv))
+    ref_out, ref_tan = _jvp(torch.nn.functional.silu, v, dv)
+    for loss, ref in [((out * w1 + tan * w2).sum(), (ref_out * w1 + ref_tan * w2).sum()),
+                      ((tan * w2).sum(), (ref_tan * w2).sum()), ((out * w1).sum(), (ref_out * w1).sum())]:
+        got = torch.autograd.grad(loss, [v, dv], retain_graph=True, allow_unused=True)
+        want = torch.autograd.grad(ref, [v, dv], retain_graph=True, allow_unused=True)
+        for a, b in zip(got, want):
+            if b is None:
+                assert a is None or not a.any()
+            else:
+                _close(a, b)
+    inputs = (v.detach().requires_grad_(), dv.detach().requires_grad_())
+    assert torch.autograd.gradcheck(lambda a, b: D.silu((a, b)), inputs)
+
+
 def _random_unet(**kw) -> UNet:
     net = build_unet("tiny", 2, 2, 8, zero_init_out=False, **kw)
     return perturbed(net, 3, scale=0.2)  # the zero-initialised convs open, so every path carries a tangent

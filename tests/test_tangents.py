@@ -37,6 +37,13 @@ def test_group_norm_tangent(affine: bool) -> None:
     v2, d2 = D.group_norm(norm, (x, dx))
     _close(v2, value), _close(d2, tangent)
     assert D.group_norm(norm, (x, None))[1] is None
+    # The hand-written backward: numerical gradients in v, dv and the affine parameters, with both outputs
+    # used and with the tangent alone.
+    params = list(norm.parameters())
+    inputs = (x.clone().requires_grad_(), dx.clone().requires_grad_(), *params)
+    both = lambda v, d, *_: D.group_norm(norm, (v, d))  # noqa: E731
+    tangent_only = lambda v, d, *_: D.group_norm(norm, (v, d))[1]  # noqa: E731
+    assert torch.autograd.gradcheck(both, inputs) and torch.autograd.gradcheck(tangent_only, inputs)
 
 
 def test_silu_scale_shift_and_attention_tangents() -> None:

@@ -155,17 +155,17 @@ def speed(config: str, batch_size: int, steps: int, rounds: int, variants: list[
     flops = {name: st.flops() for name, st in states.items()}  # also the warm-up (allocator, first compile)
     for st in states.values():
         st()
-    ref = "bf16" if sw.bf16 else "fp32"
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    ref, other = ("bf16", "fp32") if sw.bf16 else ("fp32", "bf16")
     # The machine's speed drifts (shared hosts: 2-3x within a minute on some), so each variant's steps are
     # paired with a matmul peak measured just before them, and MFU is the median of step / adjacent peak.
     times: dict[str, list[float]] = {name: [] for name in states}
     mfus: dict[str, list[float]] = {name: [] for name in states}
     peaks = {"fp32": [], "bf16": []}
     for _ in tqdm(range(rounds), desc="rounds", leave=False):
-        other = "fp32" if sw.bf16 else "bf16"
-        peaks[other].append(matmul_peak(torch.bfloat16 if other == "bf16" else torch.float32, sw.device))
+        peaks[other].append(matmul_peak(dtypes[other], sw.device))
         for name, st in states.items():
-            peak_now = matmul_peak(torch.bfloat16 if sw.bf16 else torch.float32, sw.device)
+            peak_now = matmul_peak(dtypes[ref], sw.device)
             peaks[ref].append(peak_now)
             for _ in range(steps):
                 times[name].append(st.timed())

@@ -181,9 +181,9 @@ def reconstruction_nll_discrete(x: Tensor, z_0: Tensor, gamma_0: Tensor) -> Tens
         nearest = to_bin_index((z / a).clamp(-1, 1))
         first = (nearest - n // 2).clamp(0, 256 - n)
         window = first.unsqueeze(-1) + torch.arange(n, device=z.device)  # [B, ..., n]
-    centres = lambda k: (k * 2 + 1).to(z.dtype) / 256 - 1  # noqa: E731  (bin_centres()[k], unmaterialised)
-    logit_x = -(z - a * centres(to_bin_index(x))).square() * inv_2var
-    logits = -(z.unsqueeze(-1) - a.unsqueeze(-1) * centres(window)).square() * inv_2var.unsqueeze(-1)
+    centres = bin_centres(x.device, z.dtype)
+    logit_x = -(z - a * centres[to_bin_index(x)]).square() * inv_2var
+    logits = -(z.unsqueeze(-1) - a.unsqueeze(-1) * centres[window]).square() * inv_2var.unsqueeze(-1)
     logp = logit_x - logits.logsumexp(-1)
     return -sum_except_batch(logp).to(torch.float64)
 

@@ -183,6 +183,7 @@ def test_groupnorm32_bf16_fast_path_equals_the_float32_round_trip() -> None:
     fast = norm(x)
     ref = F.group_norm(x.float(), 4, norm.weight, norm.bias, norm.eps)
     assert fast.dtype == torch.bfloat16
+    assert type(fast.grad_fn).__name__ == "NativeGroupNormBackward0"  # the kernel, not the round trip
     torch.testing.assert_close(fast.float(), ref.bfloat16().float(), rtol=2**-7, atol=2**-7)
     got = torch.autograd.grad(fast, [x, norm.weight, norm.bias], dy)
     want = torch.autograd.grad(ref, [x, norm.weight, norm.bias], dy.float())

@@ -106,6 +106,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def bf16_fast(device: str) -> bool:
+    """Whether bf16 runs in hardware kernels here. Without them (a CPU lacking avx512_bf16/AMX) torch falls
+    back to scalar code, below 1 GFLOP/s: a bf16 peak would take an hour to measure and mean nothing."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def matmul_peak(dtype: torch.dtype, device: str = "cpu", sizes: tuple[int, ...] = (1024, 2048, 3072),
                 reps: int = 4) -> float:
     """Achieved FLOP/s of square matmuls in `dtype`: the best over sizes and 3 rounds (the practical peak)."""
@@ -150,6 +158,9 @@ def speed(config: str, batch_size: int, steps: int, rounds: int, variants: list[
     """Training steps of every variant timed in interleaved rounds (median per variant), with FLOPs per step,
     achieved FLOP/s, MFU against the matmul peak measured beside each variant's steps, and peak memory."""
     sw = sw or Switches()
+    if sw.bf16 and not bf16_fast(sw.device):
+        raise RuntimeError(f"--bf16: this {sw.device} has no bf16 kernels (on CPU: no avx512_bf16/AMX), so bf16 "
+                           "autocast runs in scalar fallback code; measure bf16 on a machine that has them")
     names = variants or list(VARIANTS)
     states = {name: Step(config, VARIANTS[name], batch_size, sw, extra) for name in names}
     flops = {name: st.flops() for name, st in states.items()}  # also the warm-up (allocator, first compile)
@@ -161,9 +172,10 @@ def speed(config: str, batch_size: int, steps: int, rounds: int, variants: list[
     # paired with a matmul peak measured just before them, and MFU is the median of step / adjacent peak.
     times: dict[str, list[float]] = {name: [] for name in states}
     mfus: dict[str, list[float]] = {name: [] for name in states}
-    peaks = {"fp32": [], "bf16": []}
+    peaks = {"fp32": [], "bf16": []} if sw.bf16 or bf16_fast(sw.device) else {"fp32": []}
     for _ in tqdm(range(rounds), desc="rounds", leave=False):
-        peaks[other].append(matmul_peak(dtypes[other], sw.device))
+        if other in peaks:
+            peaks[other].append(matmul_peak(dtypes[other], sw.device))
         for name, st in states.items():
             peak_now = matmul_peak(dtypes[ref], sw.device)
             peaks[ref].append(peak_now)
@@ -251,8 +263,10 @@ def markdown(report: dict) -> str:
     ref = "bf16" if sw["bf16"] else "fp32"
     lines = [f"config `{report['config']}`, batch {report['batch_size']}, {report['device']}, "
              f"{report['threads']} threads, switches {sw}; matmul peak measured in this run (median; max): "
-             f"fp32 {peaks['fp32']:.0f} ({top['fp32']:.0f}) GFLOP/s, bf16 {peaks['bf16']:.0f} ({top['bf16']:.0f}) "
-             f"GFLOP/s. MFU: median over steps of achieved FLOP/s over the {ref} peak measured just before "
+             f"fp32 {peaks['fp32']:.0f} ({top['fp32']:.0f}) GFLOP/s, bf16 "
+             + (f"{peaks['bf16']:.0f} ({top['bf16']:.0f}) GFLOP/s" if "bf16" in peaks
+                else "not measured (no bf16 kernels)")
+             + f". MFU: median over steps of achieved FLOP/s over the {ref} peak measured just before "
              "that variant's steps in the same round.", "",
              "| variant | s/step | images/s | time ratio | FLOP ratio | time/FLOP ratio | GFLOP/step | GFLOP/s "
              f"| MFU ({ref} peak) | peak memory GiB | params |", "|" + " --- |" * 11]

@@ -1,0 +1,31 @@
+"""Tests for latent_ndm.benchmark that need no timing: the bf16 guard and the report without a bf16 peak."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latent_ndm import benchmark
+
+
+def test_bf16_fast_matches_the_onednn_capability_on_cpu() -> None:
+    assert benchmark.bf16_fast("cpu") == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def test_bf16_speed_refuses_a_cpu_without_bf16_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without bf16 kernels autocast runs scalar fallback code (an hour per round): refuse before building."""
+    monkeypatch.setattr(benchmark, "bf16_fast", lambda device: False)
+    with pytest.raises(RuntimeError, match="no bf16 kernels"):
+        benchmark.speed("configs/does_not_matter.yaml", 2, 1, 1, sw=benchmark.Switches(bf16=True))
+
+
+def test_markdown_without_a_bf16_peak_says_so() -> None:
+    row = {"sec_per_step": 2.0, "images_per_sec": 16.0, "params": 10, "ratio_to_baseline": 1.0,
+           "gflop_per_step": 300.0, "flop_ratio_to_baseline": 1.0, "time_ratio_over_flop_ratio": 1.0,
+           "achieved_gflops": 150.0, "mfu_vs_fp32_peak": 0.75}
+    report = {"config": "c.yaml", "batch_size": 32, "device": "cpu", "threads": 2,
+              "switches": vars(benchmark.Switches()),
+              "results": {"baseline": row, "_peaks_gflops": {"fp32": 200.0}, "_peaks_gflops_max": {"fp32": 210.0}}}
+    text = benchmark.markdown(report)
+    assert "fp32 200 (210) GFLOP/s, bf16 not measured (no bf16 kernels)" in text
+    assert "75%" in text

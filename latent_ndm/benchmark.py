@@ -172,7 +172,7 @@ def speed(config: str, batch_size: int, steps: int, rounds: int, variants: list[
     # paired with a matmul peak measured just before them, and MFU is the median of step / adjacent peak.
     times: dict[str, list[float]] = {name: [] for name in states}
     mfus: dict[str, list[float]] = {name: [] for name in states}
-    peaks = {"fp32": [], "bf16": []} if sw.bf16 or bf16_fast(sw.device) else {"fp32": []}
+    peaks = {"fp32": [], "bf16": []} if bf16_fast(sw.device) else {"fp32": []}  # sw.bf16 implies bf16_fast
     for _ in tqdm(range(rounds), desc="rounds", leave=False):
         if other in peaks:
             peaks[other].append(matmul_peak(dtypes[other], sw.device))

@@ -37,6 +37,7 @@ from .experiment import NELBOObjective, build_model
 from .noise import Noise
 from .samplers import SAMPLERS
 from .shards import make_shards
+from .train import bf16_fast
 
 VARIANTS = {
     "baseline (F = identity, continuous)": ["model.transform=identity", "model.num_steps=0"],
@@ -104,14 +105,6 @@ class Step:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def bf16_fast(device: str) -> bool:
-    """Whether bf16 runs in hardware kernels here. Without them (a CPU lacking avx512_bf16/AMX) torch falls
-    back to scalar code, below 1 GFLOP/s: a bf16 peak would take an hour to measure and mean nothing."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def matmul_peak(dtype: torch.dtype, device: str = "cpu", sizes: tuple[int, ...] = (1024, 2048, 3072),

@@ -17,6 +17,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,9 +187,23 @@ def _truncate_metrics(path: Path, step: int) -> None:
     write_atomic(path, "".join(r + "\n" for r in rows))
 
 
+def bf16_fast(device: str | torch.device) -> bool:
+    """Whether bf16 runs in hardware kernels here. Without them (a CPU lacking avx512_bf16/AMX) torch falls
+    back to scalar code, below 1 GFLOP/s (about 100x slower than float32)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path:
     """Train `task` for cfg.train.steps steps in runs/NAME, resuming from its latest checkpoint."""
     tc = cfg.train
+    if tc.bf16 and not bf16_fast("cuda" if torch.cuda.is_available() else "cpu"):
+        # Not an error: the numerics are right, and a tiny run may want the bf16 path; but a real run would
+        # look hung.
+        warnings.warn("train.bf16=true, but this machine has no bf16 kernels (a CPU needs avx512_bf16 or AMX): "
+                      "autocast falls back to scalar code, about 100x slower than float32 (train.bf16=false)",
+                      stacklevel=2)
     accelerator = Accelerator(mixed_precision="bf16" if tc.bf16 else "no", cpu=not torch.cuda.is_available())
     device, is_main = accelerator.device, accelerator.is_main_process
     run_dir = Path(cfg.out_dir) / cfg.name

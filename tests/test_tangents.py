@@ -83,6 +83,19 @@ def test_silu_tangent_backward_equals_autograd_of_the_jvp() -> None:
     assert torch.autograd.gradcheck(lambda a, b: D.silu((a, b)), inputs)
 
 
+def test_scale_shift_backward_by_gradcheck() -> None:
+    """The hand-written backward of the scale-shift pair (per-example, per-channel s and b), with both outputs
+    used and with each alone (an unused output's gradient arrives as None)."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(2, 3, 4, 5)] * 2 + [(2, 3, 1, 1)] * 4
+    inputs = tuple(torch.randn(*s, generator=g).requires_grad_() for s in shapes)
+    pairs = lambda *a: D.scale_shift(*zip(a[::2], a[1::2]))  # noqa: E731
+    assert type(pairs(*inputs)[1].grad_fn).__name__ == "_ScaleShiftDualBackward"  # the fast path is taken
+    assert torch.autograd.gradcheck(pairs, inputs)
+    assert torch.autograd.gradcheck(lambda *a: pairs(*a)[0], inputs)
+    assert torch.autograd.gradcheck(lambda *a: pairs(*a)[1], inputs)
+
+
 def _random_unet(**kw) -> UNet:
     net = build_unet("tiny", 2, 2, 8, zero_init_out=False, **kw)
     return perturbed(net, 3, scale=0.2)  # the zero-initialised convs open, so every path carries a tangent

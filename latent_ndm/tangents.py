@@ -160,8 +160,12 @@ def _dot(x: Tensor, y: Tensor) -> Tensor:
     return torch.linalg.vecdot(x.flatten(2), y.flatten(2))[..., None, None]
 
 
-def add(a: Dual, b: Dual) -> Dual:
-    return a[0] + b[0], _add_tangents(a[1], b[1])
+def add_into(fresh: Dual, other: Dual) -> Dual:
+    """fresh + other, written into fresh's buffers. For a pair just made by a convolution, whose backward
+    does not need its output, so autograd allows the in-place add: no new activation-sized tensors (on CPU
+    a fresh one costs more than the addition: page faults)."""
+    (fv, fd), (ov, od) = fresh, other
+    return fv.add_(ov), od if fd is None else (fd if od is None else fd.add_(od))
 
 
 def cat(parts: list[Dual], dim: int) -> Dual:

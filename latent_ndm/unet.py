@@ -107,7 +107,7 @@ class ResBlock(nn.Module):
             mask = self.dropout(torch.ones_like(h[0]))
             h = D.apply_linear(lambda u: u * mask, h)
         skip = x if isinstance(self.skip, nn.Identity) else D.conv(self.skip, x)
-        return D.add(skip, D.conv(self.conv2, h))
+        return D.add_into(D.conv(self.conv2, h), skip)
 
 
 class AttentionBlock(nn.Module):
@@ -144,7 +144,7 @@ class AttentionBlock(nn.Module):
         q_d = None if tangents[0] is None else tangents[0] * scale
         out = D.attention((q * scale, q_d), (k, tangents[1]), (v, tangents[2]))
         merged = D.apply_linear(lambda u: rearrange(u, "b n (h w) d -> b (n d) h w", h=height), out)
-        return D.add(x, D.conv(self.proj, merged))
+        return D.add_into(D.conv(self.proj, merged), x)
 
 
 class _ResAttn(nn.Module):

@@ -198,13 +198,14 @@ def bf16_fast(device: str | torch.device) -> bool:
 def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path:
     """Train `task` for cfg.train.steps steps in runs/NAME, resuming from its latest checkpoint."""
     tc = cfg.train
-    if tc.bf16 and not bf16_fast("cuda" if torch.cuda.is_available() else "cpu"):
+    on_gpu = torch.cuda.is_available()
+    if tc.bf16 and not bf16_fast("cuda" if on_gpu else "cpu"):
         # Not an error: the numerics are right, and a tiny run may want the bf16 path; but a real run would
         # look hung.
         warnings.warn("train.bf16=true, but this machine has no bf16 kernels (a CPU needs avx512_bf16 or AMX): "
                       "autocast falls back to scalar code, about 100x slower than float32 (train.bf16=false)",
                       stacklevel=2)
-    accelerator = Accelerator(mixed_precision="bf16" if tc.bf16 else "no", cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision="bf16" if tc.bf16 else "no", cpu=not on_gpu)
     device, is_main = accelerator.device, accelerator.is_main_process
     run_dir = Path(cfg.out_dir) / cfg.name
     _check_config(run_dir, cfg, allow_config_change)

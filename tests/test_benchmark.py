@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +12,12 @@ from latent_ndm import benchmark
 
 def test_bf16_fast_matches_the_onednn_capability_on_cpu() -> None:
     assert benchmark.bf16_fast("cpu") == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    # Independently, on Linux x86, from the CPU's flags: oneDNN runs bf16 in vector code from AVX-512 BW/VL/DQ
+    # up (natively with avx512_bf16 or AMX); an AVX2-only CPU gets scalar fallback code.
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and " avx2 " in cpuinfo.read_text():
+        flags = set(cpuinfo.read_text().split())
+        assert benchmark.bf16_fast("cpu") == ({"avx512bw", "avx512vl", "avx512dq"} <= flags)
 
 
 def test_bf16_speed_refuses_a_cpu_without_bf16_kernels(monkeypatch: pytest.MonkeyPatch) -> None:

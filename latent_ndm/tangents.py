@@ -63,11 +63,11 @@ class _SiluDual(torch.autograd.Function):
         value, tangent, s, d1 = ctx.saved_tensors
         grad_value = grad_tangent = None
         if g_tan is not None:
-            # silu''(v) = s (1 - s) (2 + v (1 - 2 s)), in place on two temporaries: on CPU a fresh activation-
-            # sized tensor costs more than its arithmetic (page faults), so the pair's forward and backward
-            # at [32, 128, 32, 32] went from 33 to 20 ms.
-            one_m = 1 - s
-            d2 = torch.sub(one_m, s).mul_(value).add_(2).mul_(one_m).mul_(s)
+            # silu''(v) = s (1 - s) (2 + v (1 - 2 s)), in place on one temporary (x (1 - s) = x - x s): on CPU a
+            # fresh activation-sized tensor costs more than its arithmetic (page faults), so the pair's forward
+            # and backward at [32, 128, 32, 32] went from 33 to 20 ms with two temporaries.
+            d2 = torch.mul(s, -2).add_(1).mul_(value).add_(2).mul_(s)
+            d2.addcmul_(d2, s, value=-1)
             grad_value = d2.mul_(tangent).mul_(g_tan)
             grad_tangent = g_tan * d1
         if g_out is not None:
@@ -95,7 +95,7 @@ class _GroupNormDual(torch.autograd.Function):
 
     Autograd of the elementwise formula records ~14 passes over the activation and ~35 in its backward;
     here the value is one fused GroupNorm kernel, the tangent 6 more passes, the backward ~20 (fused
-    multiply-adds, per-group dot products by vecdot). Per group (n = C/G * L, r = 1/std, xh = (v - mean) r):
+    multiply-adds, in place on the node's own buffers). Per group (n = C/G * L, r = 1/std, xh = (v - mean) r):
     u = dv - mean(dv), a = mean(u xh), q = u - xh a, jd = r q; y = w xh + b, ty = w jd. Backward:
     ga = -r sum(gjd xh), gr = sum(gjd q), d dv = r (gjd - mean(gjd)) + ga xh / n,
     gxh = w gy - r a gjd + ga u / n, d v = r (gxh - mean(gxh) - xh mean(gxh xh)) - r^2 gr xh / n.
@@ -112,52 +112,66 @@ class _GroupNormDual(torch.autograd.Function):
         xh = torch.mul(v.reshape(grouped), r).sub_(m * r)  # (an addcmul with a broadcast input is slower)
         dvg = dv.reshape(grouped)
         u = dvg - dvg.mean((2, 3), keepdim=True)
-        a = _dot(u, xh) / xh[0, 0].numel()
+        tan = torch.mul(u, xh)  # u xh, for a; then the tangent itself, in the same buffer
+        a = _group_sum(tan) / xh[0, 0].numel()
         q = torch.addcmul(u, xh, -a)
         scale = r if weight is None else r * weight.view(1, groups, -1, 1)
         ctx.save_for_backward(xh, u, q, r, a, weight)
         ctx.shape = v.shape
-        return out, (q * scale).reshape(v.shape)
+        return out, torch.mul(q, scale, out=tan).reshape(v.shape)
 
     @staticmethod
     def backward(ctx, g_out: Tensor | None, g_tan: Tensor | None):
+        # Every activation-sized tensor made here is a fresh buffer that later steps update in place: g_xh
+        # becomes d v, g_jd becomes d dv, and one scratch buffer holds the products the dot products sum.
+        # On CPU a fresh 16 MB tensor costs more than the arithmetic on it (page faults): this backward makes
+        # 3 of them where the formula written out-of-place made 10.
         if g_out is None and g_tan is None:
             return None, None, None, None, None, None
         xh, u, q, r, a, weight = ctx.saved_tensors
         b, groups = xh.shape[:2]
         n = xh[0, 0].numel()
         w = None if weight is None else weight.view(1, groups, -1, 1)
+        scratch = torch.empty_like(xh)
+        dot = lambda x, y: _group_sum(torch.mul(x, y, out=scratch))  # noqa: E731
+        owned = lambda g: g.clone(memory_format=torch.contiguous_format) if w is None else torch.mul(g, w)  # noqa: E731
         g_y = None if g_out is None else g_out.reshape(xh.shape)
         g_t = None if g_tan is None else g_tan.reshape(xh.shape)
-        g_xh = None if g_y is None else (g_y if w is None else g_y * w)
-        g_dv = g_r = None
-        if g_t is not None:
-            g_jd = g_t if w is None else g_t * w
-            g_a, g_r = -r * _dot(g_jd, xh), _dot(g_jd, q)
-            g_dv = torch.mul(g_jd, r).sub_(r * g_jd.mean((2, 3), keepdim=True)).addcmul_(xh, g_a / n)
-            g_xh = torch.mul(g_jd, -r * a) if g_xh is None else torch.addcmul(g_xh, g_jd, -r * a)
-            g_xh.addcmul_(u, g_a / n)
-        coef = -r * _dot(g_xh, xh) / n
-        if g_r is not None:
-            coef = coef - r.square() * g_r / n
-        g_v = torch.mul(g_xh, r).sub_(r * g_xh.mean((2, 3), keepdim=True)).addcmul_(xh, coef)
         g_w = g_b = None
         if weight is not None and ctx.needs_input_grad[2]:
             g_w = torch.zeros_like(weight)
             if g_y is not None:
-                g_w = g_w + (g_y * xh).sum((0, 3)).reshape(-1)
+                g_w += torch.mul(g_y, xh, out=scratch).sum((0, 3)).reshape(-1)
             if g_t is not None:
-                g_w = g_w + ((g_t * q).sum(3) * r.view(b, groups, 1)).sum(0).reshape(-1)
+                g_w += (torch.mul(g_t, q, out=scratch).sum(3) * r.view(b, groups, 1)).sum(0).reshape(-1)
         if ctx.needs_input_grad[3] and g_y is not None:
             g_b = g_y.sum((0, 3)).reshape(-1)
+        g_xh = None if g_y is None else owned(g_y)
+        g_dv = g_r = None
+        if g_t is not None:
+            g_jd = owned(g_t)
+            g_a, g_r = -r * dot(g_jd, xh), dot(g_jd, q)
+            if g_xh is None:
+                g_xh = torch.mul(g_jd, -r * a)
+            else:
+                g_xh.addcmul_(g_jd, -r * a)
+            g_xh.addcmul_(u, g_a / n)
+            mean_jd = g_jd.mean((2, 3), keepdim=True)  # before g_jd is scaled in place
+            g_dv = g_jd.mul_(r).sub_(r * mean_jd).addcmul_(xh, g_a / n)
+        coef = -r * dot(g_xh, xh) / n
+        if g_r is not None:
+            coef = coef - r.square() * g_r / n
+        mean_xh = g_xh.mean((2, 3), keepdim=True)
+        g_v = g_xh.mul_(r).sub_(r * mean_xh).addcmul_(xh, coef)
         shape = ctx.shape
         return g_v.reshape(shape), None if g_dv is None else g_dv.reshape(shape), g_w, g_b, None, None
 
 
-def _dot(x: Tensor, y: Tensor) -> Tensor:
-    """Per-group sum(x y) of [B, G, C/G, L] tensors as [B, G, 1, 1]: vecdot reads both once (einsum's bmm
-    with 1x1 outputs was 2.5x slower; a product then a sum writes a temporary)."""
-    return torch.linalg.vecdot(x.flatten(2), y.flatten(2))[..., None, None]
+def _group_sum(x: Tensor) -> Tensor:
+    """Per-group sums of a [B, G, C/G, L] tensor as [B, G, 1, 1]. The dot products above are this sum of a
+    product written into a buffer the node reuses: on CPU torch.linalg.vecdot is the same product into a
+    fresh tensor, then the sum (einsum's bmm with 1x1 outputs was 2.5x slower still)."""
+    return x.sum((2, 3), keepdim=True)
 
 
 def add_into(fresh: Dual, other: Dual) -> Dual:

@@ -9,6 +9,10 @@ measured in the same run, peak memory (RSS of a fresh process on CPU, max alloca
 images/s of every sampler at a given number of network evaluations. Variants are timed in interleaved
 rounds, so drifts in machine load hit all of them alike; the figure per variant is the median.
 
+`python -m latent_ndm.benchmark convs [--config ...] [--out docs/bench/convs]`: the denoiser's convolutions
+alone (forward and backward), fp32 and bf16, NCHW and channels_last, as FLOP/s and share of the matmul
+peak measured beside them: an upper bound on what the step's MFU can reach on this machine.
+
 `python -m latent_ndm.benchmark data [--images 8192]`: decoded images per second from local shards
 (28x28 MNIST subset, 32x32 photo patches) with 1 and 2 decoding workers, beside the images per
 second the quickstart's training consumes (its config, batch 32, NDM and baseline).
@@ -192,6 +196,89 @@ def speed(config: str, batch_size: int, steps: int, rounds: int, variants: list[
     return out
 
 
+def conv_shapes(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> list[tuple[torch.nn.Conv2d, tuple, int]]:
+    """The distinct convolutions of one forward of `net`: (module, input shape, how many times that
+    module-shape pair runs), found by forward hooks; modules of equal hyper-parameters and input shape are
+    counted as one."""
+    seen: dict[tuple, list] = {}
+
+    def hook(module, inputs, _output):
+        key = (module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+               module.groups, tuple(inputs[0].shape))
+        seen.setdefault(key, [module, tuple(inputs[0].shape), 0])[2] += 1
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            net(x, t)
+    finally:
+        for h in handles:
+            h.remove()
+    return [tuple(v) for v in seen.values()]
+
+
+def conv_rate(module: torch.nn.Conv2d, shape: tuple, dtype: torch.dtype, channels_last: bool,
+              reps: int = 5) -> tuple[float, int]:
+    """(median seconds, FLOPs) of one convolution forward and backward (input and weight gradients) at `shape`
+    in `dtype` and memory format, on CPU or wherever `module` lives."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    conv = torch.nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                           module.padding, groups=module.groups, bias=module.bias is not None)
+    device = module.weight.device
+    conv = conv.to(device, dtype).to(memory_format=fmt)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(device, dtype).contiguous(memory_format=fmt).requires_grad_()
+    grad = None
+
+    def step() -> None:
+        nonlocal grad
+        y = conv(x)
+        grad = torch.ones_like(y) if grad is None else grad
+        y.backward(grad)
+        for leaf in (x, *conv.parameters()):  # a None .grad is written, not accumulated into
+            leaf.grad = None
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), counter.get_total_flops()
+
+
+def convs(config: str, batch_size: int, device: str = "cpu") -> dict:
+    """FLOP/s of the denoiser's convolutions alone, forward and backward, fp32 and bf16 (where this machine
+    has bf16 kernels), NCHW and channels_last, against the matmul peak measured beside each: the convolutions
+    are most of a step's FLOPs, so their rate bounds the step's MFU from above."""
+    cfg = load_config(config, [f"train.batch_size={batch_size}"])
+    torch.manual_seed(0)
+    net = build_model(cfg).to(device).denoiser.net
+    c, s = cfg.data.channels, cfg.data.image_size
+    x, t = torch.zeros(batch_size, c, s, s, device=device), torch.full((batch_size,), 0.5, device=device)
+    found = conv_shapes(net, x, t)
+    dtypes = {"fp32": torch.float32} | ({"bf16": torch.bfloat16} if bf16_fast(device) else {})
+    rows, totals = [], {}
+    for name, dtype in dtypes.items():
+        peak = matmul_peak(dtype, device)
+        for cl in (False, True):
+            seconds = flops = 0.0
+            for module, shape, count in found:
+                sec, fl = conv_rate(module, shape, dtype, cl)
+                seconds, flops = seconds + count * sec, flops + count * fl
+                rows.append({"dtype": name, "channels_last": cl, "conv": f"{module.in_channels}->{module.out_channels} "
+                             f"k{module.kernel_size[0]} s{module.stride[0]}", "input": list(shape), "count": count,
+                             "gflops": fl / sec / 1e9, "of_peak": fl / sec / peak})
+            totals[f"{name} {'channels_last' if cl else 'NCHW'}"] = {
+                "seconds": seconds, "gflop": flops / 1e9, "gflops": flops / seconds / 1e9, "peak_gflops": peak / 1e9,
+                "of_peak": flops / seconds / peak}
+    return {"rows": rows, "totals": totals}
+
+
 def sampling(config: str, batch_size: int, nfe: int, sw: Switches) -> dict[str, dict[str, float]]:
     """Images per second of every sampler at `nfe` network evaluations per sample (untrained weights: the cost
     does not depend on them; ode_rk45 is adaptive and reports the NFE it took), baseline and NDM continuous."""
@@ -283,7 +370,7 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["speed", "data"])
+    p.add_argument("what", choices=["speed", "data", "convs"])
     p.add_argument("--config", default="configs/bench_cifar_size.yaml")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=3, help="steps per variant per round")
@@ -307,6 +394,25 @@ def main() -> None:
             for name, rate in result[group].items():
                 print(f"| {'loader' if group.startswith('loader') else 'training'}: {name} | {rate:,.0f} |")
         print(f"\nslowest loader / fastest training: {result['slowest_loader_over_fastest_training']:.0f}x")
+        return
+    if args.what == "convs":
+        result = convs(args.config, args.batch_size, args.device)
+        lines = ["| dtype, layout | conv seconds per forward | GFLOP | GFLOP/s | matmul peak GFLOP/s | of peak |",
+                 "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {k} | {r['seconds']:.3f} | {r['gflop']:.1f} | {r['gflops']:.0f} | {r['peak_gflops']:.0f} "
+                  f"| {100 * r['of_peak']:.0f}% |" for k, r in result["totals"].items()]
+        lines += ["", "| dtype | channels_last | conv | input | count | GFLOP/s | of peak |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['dtype']} | {r['channels_last']} | {r['conv']} | {r['input']} | {r['count']} "
+                  f"| {r['gflops']:.0f} | {100 * r['of_peak']:.0f}% |" for r in result["rows"]]
+        text = "\n".join([f"config `{args.config}`, batch {args.batch_size}, {args.device}, "
+                           f"{torch.get_num_threads()} threads: the denoiser's convolutions alone, forward and "
+                           "backward (input and weight gradients), each timed apart (median of 5)", "", *lines])
+        print(text)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+            args.out.with_suffix(".md").write_text(text + "\n")
         return
     sw = Switches(args.bf16, args.channels_last, args.compile, args.device)
     report = {"config": args.config, "batch_size": args.batch_size, "threads": torch.get_num_threads(),

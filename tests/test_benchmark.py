@@ -37,3 +37,32 @@ def test_markdown_without_a_bf16_peak_says_so() -> None:
     text = benchmark.markdown(report)
     assert "fp32 200 (210) GFLOP/s, bf16 not measured (no bf16 kernels)" in text
     assert "75%" in text
+
+
+def test_conv_shapes_account_for_every_convolution_flop_and_conv_rate_counts_the_closed_form() -> None:
+    """`convs` times each distinct convolution of a forward apart: the pairs found by the hooks, weighted by
+    their counts, must carry all the convolution FLOPs flop_counter sees in that forward; and one timed
+    convolution is 3 direct convolutions' worth (forward, input gradient, weight gradient)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from latent_ndm.unet import build_unet
+
+    net = build_unet("tiny", 1, 1, 8, zero_init_out=False)
+    x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
+    found = benchmark.conv_shapes(net, x, t)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        net(x, t)
+    conv_flops = counter.get_flop_counts()["Global"][torch.ops.aten.convolution]
+
+    def direct(m: torch.nn.Conv2d, shape: tuple) -> int:  # 2 x multiply-adds of a direct convolution
+        b, _, h, w = shape
+        ho = (h + 2 * m.padding[0] - m.kernel_size[0]) // m.stride[0] + 1
+        wo = (w + 2 * m.padding[1] - m.kernel_size[1]) // m.stride[1] + 1
+        return 2 * b * m.out_channels * ho * wo * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    assert sum(n for *_, n in found) == sum(isinstance(m, torch.nn.Conv2d) for m in net.modules())
+    assert sum(n * direct(m, shape) for m, shape, n in found) == conv_flops
+    module, shape, _ = max(found, key=lambda f: direct(f[0], f[1]))
+    seconds, flops = benchmark.conv_rate(module, shape, torch.float32, channels_last=False, reps=1)
+    assert flops == 3 * direct(module, shape) and seconds > 0

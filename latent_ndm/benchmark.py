@@ -397,7 +397,8 @@ def main() -> None:
         return
     if args.what == "convs":
         result = convs(args.config, args.batch_size, args.device)
-        lines = ["| dtype, layout | seconds per step (all convs, fwd+bwd) | GFLOP | GFLOP/s | matmul peak GFLOP/s | of peak |",
+        lines = ["| dtype, layout | seconds per step (all convs, fwd+bwd) | GFLOP | GFLOP/s | matmul peak GFLOP/s "
+                 "| of peak |",
                  "| --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {k} | {r['seconds']:.3f} | {r['gflop']:.1f} | {r['gflops']:.0f} | {r['peak_gflops']:.0f} "
                   f"| {100 * r['of_peak']:.0f}% |" for k, r in result["totals"].items()]

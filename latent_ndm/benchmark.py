@@ -228,13 +228,11 @@ def conv_rate(module: torch.nn.Conv2d, shape: tuple, dtype: torch.dtype, channel
     conv = conv.to(device, dtype).to(memory_format=fmt)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).to(device, dtype).contiguous(memory_format=fmt).requires_grad_()
-    grad = None
+    with torch.no_grad():
+        grad = torch.ones_like(conv(x))
 
     def step() -> None:
-        nonlocal grad
-        y = conv(x)
-        grad = torch.ones_like(y) if grad is None else grad
-        y.backward(grad)
+        conv(x).backward(grad)
         for leaf in (x, *conv.parameters()):  # a None .grad is written, not accumulated into
             leaf.grad = None
 
@@ -253,8 +251,8 @@ def conv_rate(module: torch.nn.Conv2d, shape: tuple, dtype: torch.dtype, channel
 
 def convs(config: str, batch_size: int, device: str = "cpu") -> dict:
     """FLOP/s of the denoiser's convolutions alone, forward and backward, fp32 and bf16 (where this machine
-    has bf16 kernels), NCHW and channels_last, against the matmul peak measured beside each: the convolutions
-    are most of a step's FLOPs, so their rate bounds the step's MFU from above."""
+    has bf16 kernels), NCHW and channels_last, against that dtype's matmul peak measured just before: the
+    convolutions are most of a step's FLOPs, so their rate bounds the step's MFU from above."""
     cfg = load_config(config, [f"train.batch_size={batch_size}"])
     torch.manual_seed(0)
     net = build_model(cfg).to(device).denoiser.net
@@ -368,6 +366,28 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def convs_markdown(result: dict, config: str, batch_size: int, device: str) -> str:
+    """The convs report as markdown: totals per dtype and layout, then every distinct convolution."""
+    lines = [f"config `{config}`, batch {batch_size}, {device}, {torch.get_num_threads()} threads: the denoiser's "
+             "convolutions alone, forward and backward (input and weight gradients), each timed apart (median "
+             "of 5)", "", "| dtype, layout | seconds per step (all convs, fwd+bwd) | GFLOP | GFLOP/s "
+             "| matmul peak GFLOP/s | of peak |", "|" + " --- |" * 6]
+    lines += [f"| {k} | {r['seconds']:.3f} | {r['gflop']:.1f} | {r['gflops']:.0f} | {r['peak_gflops']:.0f} "
+              f"| {100 * r['of_peak']:.0f}% |" for k, r in result["totals"].items()]
+    lines += ["", "| dtype | channels_last | conv | input | count | GFLOP/s | of peak |", "|" + " --- |" * 7]
+    lines += [f"| {r['dtype']} | {r['channels_last']} | {r['conv']} | {r['input']} | {r['count']} "
+              f"| {r['gflops']:.0f} | {100 * r['of_peak']:.0f}% |" for r in result["rows"]]
+    return "\n".join(lines)
+
+
+def _write(out: Path | None, report: dict, text: str) -> None:
+    """OUT.json and OUT.md, when --out is given."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        out.with_suffix(".md").write_text(text + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["speed", "data", "convs"])
@@ -397,23 +417,9 @@ def main() -> None:
         return
     if args.what == "convs":
         result = convs(args.config, args.batch_size, args.device)
-        lines = ["| dtype, layout | seconds per step (all convs, fwd+bwd) | GFLOP | GFLOP/s | matmul peak GFLOP/s "
-                 "| of peak |",
-                 "| --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {k} | {r['seconds']:.3f} | {r['gflop']:.1f} | {r['gflops']:.0f} | {r['peak_gflops']:.0f} "
-                  f"| {100 * r['of_peak']:.0f}% |" for k, r in result["totals"].items()]
-        lines += ["", "| dtype | channels_last | conv | input | count | GFLOP/s | of peak |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['dtype']} | {r['channels_last']} | {r['conv']} | {r['input']} | {r['count']} "
-                  f"| {r['gflops']:.0f} | {100 * r['of_peak']:.0f}% |" for r in result["rows"]]
-        text = "\n".join([f"config `{args.config}`, batch {args.batch_size}, {args.device}, "
-                           f"{torch.get_num_threads()} threads: the denoiser's convolutions alone, forward and "
-                           "backward (input and weight gradients), each timed apart (median of 5)", "", *lines])
+        text = convs_markdown(result, args.config, args.batch_size, args.device)
         print(text)
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-            args.out.with_suffix(".md").write_text(text + "\n")
+        _write(args.out, result, text)
         return
     sw = Switches(args.bf16, args.channels_last, args.compile, args.device)
     report = {"config": args.config, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
@@ -426,10 +432,7 @@ def main() -> None:
     text = markdown(report)
     print(json.dumps(report, indent=2))
     print("\n" + text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(text + "\n")
+    _write(args.out, report, text)
 
 
 if __name__ == "__main__":

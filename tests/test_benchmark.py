@@ -1,4 +1,5 @@
-"""Tests for latent_ndm.benchmark that need no timing: the bf16 guard and the report without a bf16 peak."""
+"""Tests for latent_ndm.benchmark that assert no timing: the bf16 guard, the report without a bf16 peak, and the
+FLOPs the convs benchmark counts."""
 
 from __future__ import annotations
 

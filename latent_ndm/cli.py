@@ -17,6 +17,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, LatentRunConfig, RunConfig, VAERunConfig, load_config
 from .experiment import pixel_task
 from .images import save_grid
+from .malloc import keep_freed_memory
 from .samplers import SAMPLERS, get_sampler
 from .train import TrainingInterrupted, train
 
@@ -311,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # torch 2.14 warns from inside its own forward-AD decompositions on first use; not actionable here.
     warnings.filterwarnings("ignore", message=".*torch.jit.script. is deprecated")
+    keep_freed_memory()
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: python -m latent_ndm.cli {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
         return 2

@@ -4,8 +4,9 @@ A training step allocates and frees the same large activations every step. glibc
 its mmap threshold (128 KiB, adapted up to 32 MiB at most) with fresh mmaps and returns freed heap tops to
 the system, so each step faults its activations in again: ~75,000 minor faults (~300 MB) per step of the
 CIFAR-size baseline, ~120,000 for NDM continuous. Raising the mmap threshold and the trim threshold keeps
-that memory for reuse: 5,000-11,000 faults per step, and steps 4-13% faster on a 2-core Xeon (docs/RESULTS.md,
-seventh run). The cost is that RSS no longer falls after a peak (it rose 4% at NDM continuous's peak).
+that memory for reuse: 5,000-11,000 faults per step; on a 2-core Xeon NDM continuous steps 9-19% faster,
+baseline steps 0-7% (docs/RESULTS.md, seventh run). The cost is that RSS no longer falls after a peak (the
+peak itself moved by 1-4%).
 
 The entry points `latent_ndm.cli` and `latent_ndm.benchmark` call `keep_freed_memory()`
 once at start. It leaves glibc alone when the user has set malloc options in the environment or

@@ -34,11 +34,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
+from . import malloc
 from .codec import PixelCodec
 from .config import DataConfig, load_config
 from .data import train_batches
 from .experiment import NELBOObjective, build_model
-from .malloc import keep_freed_memory
 from .noise import Noise
 from .samplers import SAMPLERS
 from .shards import make_shards
@@ -140,8 +140,8 @@ def peak_memory(config: str, variant: str, batch_size: int, sw: Switches, steps:
         for _ in range(steps):
             step()
         return float(torch.cuda.max_memory_allocated())
-    code = ("import json, sys; from latent_ndm.benchmark import Step, Switches, VARIANTS, keep_freed_memory; "
-            "keep_freed_memory()\n"
+    code = ("import json, sys; from latent_ndm.benchmark import Step, Switches, VARIANTS, malloc; "
+            "malloc.keep_freed_memory()\n"
             "a = json.loads(sys.argv[1])\n"
             "s = Step(a['config'], VARIANTS[a['variant']], a['batch'], Switches(**a['sw']))\n"
             "for _ in range(a['steps']): s()\n"
@@ -343,7 +343,8 @@ def markdown(report: dict) -> str:
     ref = "bf16" if sw["bf16"] else "fp32"
     lines = [f"config `{report['config']}`, batch {report['batch_size']}, {report['device']}, "
              f"{report['threads']} threads, switches {sw}, glibc keeps freed memory: "
-             f"{report.get('keep_freed_memory', False)}; matmul peak measured in this run (median; max): "
+             f"{report.get('keep_freed_memory', False)} (mmap threshold {report.get('mmap_threshold', 0)}); "
+             "matmul peak measured in this run (median; max): "
              f"fp32 {peaks['fp32']:.0f} ({top['fp32']:.0f}) GFLOP/s, bf16 "
              + (f"{peaks['bf16']:.0f} ({top['bf16']:.0f}) GFLOP/s" if "bf16" in peaks
                 else "not measured (no bf16 kernels)")
@@ -408,7 +409,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="also write OUT.json and OUT.md")
     p.add_argument("--images", type=int, default=8192, help="data: images decoded per loader measurement")
     args = p.parse_args()
-    keep_freed_memory()
+    malloc.keep_freed_memory()
     if args.what == "data":
         result = data("configs/ndm_mnist.yaml" if args.config.endswith("bench_cifar_size.yaml") else args.config,
                       args.images)
@@ -427,7 +428,7 @@ def main() -> None:
         return
     sw = Switches(args.bf16, args.channels_last, args.compile, args.device)
     report = {"config": args.config, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
-              "keep_freed_memory": keep_freed_memory(),
+              "keep_freed_memory": malloc.keep_freed_memory(), "mmap_threshold": malloc.mmap_threshold,
               "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
               "torch": torch.__version__, "switches": vars(sw),
               "results": speed(args.config, args.batch_size, args.steps, args.rounds, sw=sw, memory=not args.no_memory)}

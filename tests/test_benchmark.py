@@ -67,3 +67,11 @@ def test_conv_shapes_account_for_every_convolution_flop_and_conv_rate_counts_the
     module, shape, _ = max(found, key=lambda f: direct(f[0], f[1]))
     seconds, flops = benchmark.conv_rate(module, shape, torch.float32, channels_last=False, reps=1)
     assert flops == 3 * direct(module, shape) and seconds > 0
+
+
+def test_peak_memory_of_a_fresh_process_grows_with_the_batch() -> None:
+    """The CPU peak is the VmHWM of a child that builds one variant: more images, more activations."""
+    small, large = (benchmark.peak_memory("configs/bench_cifar_size.yaml", benchmark.BASELINE, b,
+                                          benchmark.Switches(), steps=1) for b in (2, 8))
+    params = 6_617_667 * 4 * 4  # fp32 weights, gradients and AdamW's two moments
+    assert params < small < large < 8 * 2**30

@@ -409,7 +409,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="also write OUT.json and OUT.md")
     p.add_argument("--images", type=int, default=8192, help="data: images decoded per loader measurement")
     args = p.parse_args()
-    malloc.keep_freed_memory()
+    kept = malloc.keep_freed_memory()
     if args.what == "data":
         result = data("configs/ndm_mnist.yaml" if args.config.endswith("bench_cifar_size.yaml") else args.config,
                       args.images)
@@ -428,7 +428,7 @@ def main() -> None:
         return
     sw = Switches(args.bf16, args.channels_last, args.compile, args.device)
     report = {"config": args.config, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
-              "keep_freed_memory": malloc.keep_freed_memory(), "mmap_threshold": malloc.mmap_threshold,
+              "keep_freed_memory": kept, "mmap_threshold": malloc.mmap_threshold,
               "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
               "torch": torch.__version__, "switches": vars(sw),
               "results": speed(args.config, args.batch_size, args.steps, args.rounds, sw=sw, memory=not args.no_memory)}

@@ -4,9 +4,9 @@ A training step allocates and frees the same large activations every step. glibc
 its mmap threshold (128 KiB, adapted up to 32 MiB at most) with fresh mmaps and returns freed heap tops to
 the system, so each step faults its activations in again: 42,000-75,000 minor faults per step of the
 CIFAR-size baseline, 92,000-152,000 for NDM continuous (2-core Xeon). Raising the mmap threshold and the
-trim threshold keeps that memory for reuse: 5,000-11,000 faults per step; NDM continuous steps 9-19% faster,
-baseline steps 0-7% (docs/RESULTS.md, seventh run). The cost is that RSS no longer falls after a peak (the
-peak itself moved by 1-4%).
+trim threshold keeps that memory for reuse: 5,000-11,000 faults per step; NDM continuous steps 8-19%
+faster, baseline steps from 1% slower to 7% faster (docs/RESULTS.md, seventh run). The cost is that RSS no
+longer falls after a peak (the peak itself moved by 1-4%).
 
 The entry points `latent_ndm.cli` and `latent_ndm.benchmark` call `keep_freed_memory()` once at start. It
 leaves glibc alone with LATENT_NDM_KEEP_FREED_MEMORY=0 (for side-by-side timings), when the user sets one of
@@ -50,8 +50,9 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # 1 GiB: larger than any single activation of the configurations here. Some glibc versions refuse an mmap
-    # threshold above HEAP_MAX_SIZE / 2 (32 MiB); with that fallback larger buffers are still re-faulted.
+    # 1 GiB, so that activation-sized buffers (tens to hundreds of MB) come from the heap. Some glibc versions
+    # refuse an mmap threshold above HEAP_MAX_SIZE / 2 (32 MiB); with that fallback larger buffers are still
+    # re-faulted.
     for threshold in (1 << 30, 32 << 20):
         if mallopt(_M_MMAP_THRESHOLD, threshold):
             mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)  # never refused

@@ -8,6 +8,8 @@ convolutions, forward and backward), achieved FLOP/s and MFU against the fp32 an
 measured in the same run, peak memory (RSS of a fresh process on CPU, max allocated on GPU); then
 images/s of every sampler at a given number of network evaluations. Variants are timed in interleaved
 rounds, so drifts in machine load hit all of them alike; the figure per variant is the median.
+`--variants baseline,reference` times the baseline beside diffusers' UNet2DModel (the network the issue
+set its MFU goals by) in the baseline's place: the same objective, batch and optimizer, another network.
 
 `python -m latent_ndm.benchmark convs [--config ...] [--out docs/bench/convs]`: the denoiser's convolutions
 alone (forward and backward), fp32 and bf16, NCHW and channels_last, as FLOP/s and share of the matmul
@@ -50,6 +52,31 @@ VARIANTS = {
     "NDM continuous": ["model.transform=neural", "model.num_steps=0"],
 }
 BASELINE = next(iter(VARIANTS))
+# The reference the issue measured its MFU goals on: diffusers' UNet2DModel at 6.47M parameters (288.4 GFLOP
+# per training step at 32x32x3, batch 32), trained here as the baseline's denoiser network, so that only the
+# network differs from the baseline row. diffusers is not a dependency of latent-ndm; only this row needs it.
+REFERENCE = "reference: diffusers UNet2DModel as the baseline's denoiser"
+SHORT_NAMES = dict(zip(("baseline", "discrete", "continuous"), VARIANTS)) | {"reference": REFERENCE}
+
+
+class DiffusersUNet(torch.nn.Module):
+    """diffusers' UNet2DModel (block_out_channels 64, 128, 128; attention at 16x16) behind the denoiser's
+    net(z, t) signature; t in [0, 1] is scaled to the 0..1000 timesteps its sinusoidal embedding expects."""
+
+    def __init__(self, channels: int, image_size: int):
+        super().__init__()
+        try:
+            from diffusers import UNet2DModel
+        except ImportError as e:
+            raise ImportError("the reference row needs diffusers, which latent-ndm does not depend on: "
+                              "`pip install diffusers` into .venv to compare against it") from e
+        self.unet = UNet2DModel(sample_size=image_size, in_channels=channels, out_channels=channels,
+                                block_out_channels=(64, 128, 128),
+                                down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(z, t * 1000).sample
 
 
 @dataclass
@@ -66,11 +93,16 @@ class Switches:
 class Step:
     """One variant's model, optimizer and fixed batch; `run()` is one timed training step."""
 
-    def __init__(self, config: str, overrides: list[str], batch_size: int, sw: Switches, extra: tuple[str, ...] = ()):
-        cfg = load_config(config, [*overrides, f"train.batch_size={batch_size}", *extra])
+    def __init__(self, config: str, variant: str, batch_size: int, sw: Switches, extra: tuple[str, ...] = ()):
+        reference = variant == REFERENCE
+        cfg = load_config(config, [*VARIANTS[BASELINE if reference else variant], f"train.batch_size={batch_size}",
+                                   *extra])
         torch.manual_seed(0)
         self.sw, self.device = sw, torch.device(sw.device)
-        self.model = build_model(cfg).to(self.device).train()
+        self.model = build_model(cfg)
+        if reference:
+            self.model.denoiser.net = DiffusersUNet(cfg.data.channels, cfg.data.image_size)
+        self.model.to(self.device).train()
         fmt = torch.channels_last if sw.channels_last else torch.contiguous_format
         self.model.to(memory_format=fmt)
         if sw.compile:
@@ -135,15 +167,15 @@ def peak_memory(config: str, variant: str, batch_size: int, sw: Switches, steps:
     fresh process that builds this variant alone and runs `steps` steps (RSS never falls, so one process
     each; not getrusage's ru_maxrss, which Linux carries over from the forking parent through exec)."""
     if sw.device.startswith("cuda"):
-        step = Step(config, VARIANTS[variant], batch_size, sw)
+        step = Step(config, variant, batch_size, sw)
         torch.cuda.reset_peak_memory_stats()
         for _ in range(steps):
             step()
         return float(torch.cuda.max_memory_allocated())
-    code = ("import json, sys; from latent_ndm.benchmark import Step, Switches, VARIANTS, malloc; "
+    code = ("import json, sys; from latent_ndm.benchmark import Step, Switches, malloc; "
             "malloc.keep_freed_memory()\n"
             "a = json.loads(sys.argv[1])\n"
-            "s = Step(a['config'], VARIANTS[a['variant']], a['batch'], Switches(**a['sw']))\n"
+            "s = Step(a['config'], a['variant'], a['batch'], Switches(**a['sw']))\n"
             "for _ in range(a['steps']): s()\n"
             "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
             "print(int(hwm.split()[1]) * 1024)")
@@ -161,7 +193,7 @@ def speed(config: str, batch_size: int, steps: int, rounds: int, variants: list[
         raise RuntimeError(f"--bf16: this {sw.device} has no bf16 kernels (on CPU: no avx512_bf16/AMX), so bf16 "
                            "autocast runs in scalar fallback code; measure bf16 on a machine that has them")
     names = variants or list(VARIANTS)
-    states = {name: Step(config, VARIANTS[name], batch_size, sw, extra) for name in names}
+    states = {name: Step(config, name, batch_size, sw, extra) for name in names}
     flops = {name: st.flops() for name, st in states.items()}  # also the warm-up (allocator, first compile)
     for st in states.values():
         st()
@@ -405,10 +437,16 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sample-nfe", type=int, default=10, help="network evaluations per sample (0: no sampling)")
     p.add_argument("--sample-batch", type=int, default=32)
+    p.add_argument("--variants", default="baseline,discrete,continuous",
+                   help="comma-separated, first is the ratios' denominator: baseline, discrete, continuous, and "
+                        "reference (diffusers' UNet2DModel as the baseline's network; needs `pip install diffusers`)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--out", type=Path, default=None, help="also write OUT.json and OUT.md")
     p.add_argument("--images", type=int, default=8192, help="data: images decoded per loader measurement")
     args = p.parse_args()
+    unknown = set(args.variants.split(",")) - set(SHORT_NAMES)
+    if unknown:
+        p.error(f"--variants: unknown {sorted(unknown)}; choose from {list(SHORT_NAMES)}")
     kept = malloc.keep_freed_memory()
     if args.what == "data":
         result = data("configs/ndm_mnist.yaml" if args.config.endswith("bench_cifar_size.yaml") else args.config,
@@ -431,7 +469,8 @@ def main() -> None:
               "keep_freed_memory": kept, "mmap_threshold": malloc.mmap_threshold,
               "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
               "torch": torch.__version__, "switches": vars(sw),
-              "results": speed(args.config, args.batch_size, args.steps, args.rounds, sw=sw, memory=not args.no_memory)}
+              "results": speed(args.config, args.batch_size, args.steps, args.rounds,
+                               [SHORT_NAMES[v] for v in args.variants.split(",")], sw=sw, memory=not args.no_memory)}
     if args.sample_nfe:
         report |= {"sample_nfe": args.sample_nfe, "sample_batch": args.sample_batch,
                    "sampling": sampling(args.config, args.sample_batch, args.sample_nfe, sw)}

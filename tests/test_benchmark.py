@@ -1,8 +1,9 @@
-"""Tests for latent_ndm.benchmark that assert no timing: the bf16 guard, the report without a bf16 peak, and the
-FLOPs the convs benchmark counts."""
+"""Tests for latent_ndm.benchmark that assert no timing: the bf16 guard, the report without a bf16 peak, the
+FLOPs the convs benchmark counts, peak memory and the diffusers reference row."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,21 @@ def test_peak_memory_of_a_fresh_process_grows_with_the_batch() -> None:
                                           benchmark.Switches(), steps=1) for b in (2, 8))
     params = 6_617_667 * 4 * 4  # fp32 weights, gradients and AdamW's two moments
     assert params < small < large < 8 * 2**30
+
+
+def test_reference_row_without_diffusers_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    """diffusers is no dependency: the reference row must say what to install, not fail on a bare import."""
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # makes `from diffusers import ...` raise ImportError
+    with pytest.raises(ImportError, match="pip install diffusers"):
+        benchmark.Step("configs/bench_cifar_size.yaml", benchmark.REFERENCE, 2, benchmark.Switches())
+
+
+def test_reference_is_the_issues_unet2dmodel_in_the_baselines_place() -> None:
+    """Where diffusers is installed: the issue's 6.5M-parameter UNet2DModel replaces only the denoiser's
+    network (F stays the identity, so the reference step has exactly that network's parameters)."""
+    pytest.importorskip("diffusers")
+    step = benchmark.Step("configs/bench_cifar_size.yaml", benchmark.REFERENCE, 2, benchmark.Switches())
+    assert isinstance(step.model.denoiser.net, benchmark.DiffusersUNet)
+    assert step.params == sum(p.numel() for p in step.model.denoiser.net.parameters()) == 6_472_195
+    z, t = torch.randn(2, 3, 32, 32), torch.rand(2)
+    assert step.model.denoiser.net(z, t).shape == z.shape

@@ -62,6 +62,10 @@ class GroupNorm32(nn.GroupNorm):
 
 def _forward_ad(x: Tensor) -> bool:
     """Whether x carries a forward-mode tangent (torch.func.jvp or torch.autograd.forward_ad)."""
+    if torch.compiler.is_compiling():
+        # dynamo cannot trace the functorch query (a graph break at every GroupNorm, and a bf16 compile
+        # that failed in inductor); only the denoiser is ever compiled, never under forward-mode AD.
+        return False
     return torch._C._functorch.is_functorch_wrapped_tensor(x) or forward_ad.unpack_dual(x).tangent is not None
 
 

@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError
+from latent_ndm.evaluation.images import save_grid
+from latent_ndm.sampling.samplers import SAMPLERS, get_sampler
+from latent_ndm.tasks.pixel import pixel_task
+from latent_ndm.training.checkpoint import CheckpointError
+from latent_ndm.training.loop import TrainingInterrupted, train
+from latent_ndm.training.malloc import keep_freed_memory
+
 from .config import ConfigError, LatentRunConfig, RunConfig, VAERunConfig, load_config
-from .experiment import pixel_task
-from .images import save_grid
-from .malloc import keep_freed_memory
-from .samplers import SAMPLERS, get_sampler
-from .train import TrainingInterrupted, train
 
 
 def _parse_steps(text: str) -> list[int]:
@@ -70,7 +71,7 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_train_vae(argv: list[str]) -> int:
-    from .vae_task import vae_task
+    from latent_ndm.tasks.vae import vae_task
 
     return _train_command(argv, "train_vae.sh", "Stage 1: train the VAE (vae/) on shards; exports runs/NAME/vae.",
                           "train.steps=500 vae.latent_channels=4", VAERunConfig, vae_task)
@@ -78,7 +79,7 @@ def cmd_train_vae(argv: list[str]) -> int:
 
 def cmd_train_latent(argv: list[str]) -> int:
     """Stage 2 (run NAME), then stage 3 (run NAME_joint, started from stage 2's EMA weights)."""
-    from .latent import latent_task
+    from latent_ndm.tasks.latent import latent_task
 
     p = argparse.ArgumentParser(prog="train_latent_ndm.sh", description="Stage 2: an NDM prior on the latents "
                                 "of a trained VAE (frozen); stage 3: end-to-end fine-tuning of VAE and prior.")
@@ -120,7 +121,7 @@ def cmd_encode_latents(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=256, help="images per encoder call")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     args = p.parse_args(argv)
-    from .latent_shards import encode_latents
+    from latent_ndm.data.latent_shards import encode_latents
 
     t0 = time.perf_counter()
     manifest = encode_latents(args.vae_dir, args.shards_dir, args.out_dir, args.batch_size, args.device, progress=True)
@@ -173,10 +174,11 @@ def cmd_evaluate(argv: list[str]) -> int:
     if quality:
         get_sampler(args.sampler)
         if "fid" in quality:  # fail before any other work when the file is missing
-            from .quality import inception_weights_path
+            from latent_ndm.evaluation.quality import inception_weights_path
 
             inception_weights_path(args.inception_weights)
-    from .data import eval_examples, open_split
+    from latent_ndm.data.streams import eval_examples, open_split
+
     from .pipeline import LatentNDMPipeline, load_pipeline
 
     pipe = load_pipeline(args.path, ema=not args.no_ema)
@@ -203,7 +205,7 @@ def cmd_evaluate(argv: list[str]) -> int:
         report["ode_nll"] = pipe.ode_nll_bpd(images, args.probes, args.rtol, args.atol, cfg.eval.seed,
                                              progress=True, **extra)
     if quality:
-        from .quality import sample_quality
+        from latent_ndm.evaluation.quality import sample_quality
 
         report["sample_quality"] = sample_quality(
             pipe, args.classifier if "fd_mnist" in quality else None, args.sample_steps, args.num_samples,
@@ -233,7 +235,7 @@ def cmd_train_classifier(argv: list[str]) -> int:
                    "a busy 2-core machine 2 threads plus decoding ran 7x slower; 0: torch's own choice)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    from .classifier import train_classifier
+    from latent_ndm.evaluation.classifier import train_classifier
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -283,9 +285,10 @@ def cmd_pictures(argv: list[str]) -> int:
     p.add_argument("--shards", default=None, help="test shards to read (default: the run's data.shards)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: PATH/pictures)")
     args = p.parse_args(argv)
-    from .pictures import TIMES, trajectory_rows, transform_rows
+    from latent_ndm.data.shards import read_split
+    from latent_ndm.evaluation.pictures import TIMES, trajectory_rows, transform_rows
+
     from .pipeline import NDMPipeline
-    from .shards import read_split
 
     pipe = NDMPipeline.from_pretrained(args.path)
     out = args.out or Path(args.path) / "pictures"

@@ -33,7 +33,7 @@ class ScheduleConfig:
     learned_hidden: int = 1024  # width of the learned schedule's monotone network
 
 
-# The NetConfig fields that each network architecture takes (latent_ndm.networks.build_net).
+# The NetConfig fields that each network architecture takes (latent_ndm.nets.build.build_net).
 NET_ARCH_KEYS: dict[str, tuple[str, ...]] = {
     "unet": ("channels", "channel_mult", "num_res_blocks", "attn_resolutions", "num_heads", "dropout", "groups"),
     "dit": ("patch_size", "hidden", "depth", "heads", "mlp_ratio", "dropout"),
@@ -42,7 +42,7 @@ NET_ARCH_KEYS: dict[str, tuple[str, ...]] = {
 
 @dataclass
 class NetConfig:
-    arch: str = "unet"  # unet (latent_ndm.unet) | dit (latent_ndm.dit, a transformer over patches)
+    arch: str = "unet"  # unet (latent_ndm.nets.unet) | dit (latent_ndm.nets.dit, a transformer over patches)
     size: str = "mnist"  # a preset of UNET_SIZES (arch=unet) or DIT_SIZES (arch=dit); the fields below override it
     dropout: float | None = None  # both archs
     # arch=unet only
@@ -391,7 +391,7 @@ def _validate_net(net: NetConfig, where: str, image_size: int | None) -> None:
         raise ConfigError(f"{where}.{foreign[0]} does not apply to arch={net.arch}; "
                           f"its fields are {', '.join(NET_ARCH_KEYS[net.arch])}")
     if net.arch == "dit":
-        from .dit import DIT_SIZES  # imported here: timm is slow to import and U-Net runs do not need it
+        from latent_ndm.nets.dit import DIT_SIZES  # imported here: timm is slow to import and U-Net runs do not need it
 
         if net.size not in DIT_SIZES:
             raise ConfigError(f"{where}.size = {net.size!r} is not a DiT preset; choose one of {', '.join(DIT_SIZES)}")

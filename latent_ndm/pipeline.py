@@ -24,14 +24,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from vae.model import VAE
-
-from .checkpoint import load_weights, read_run_config, save_weights
-from .codec import PixelCodec
-from .config import LatentRunConfig, RunConfig, from_dict, to_dict
-from .evaluate import evaluate_nelbo
-from .experiment import build_model, load_run
-from .latent import (
+from latent_ndm.core.codec import PixelCodec
+from latent_ndm.core.ndm import NDM
+from latent_ndm.evaluation.nelbo import evaluate_nelbo
+from latent_ndm.sampling.ode_nll import evaluate_ode_nll
+from latent_ndm.sampling.samplers import sample_images
+from latent_ndm.tasks.latent import (
     LatentCodec,
     LatentModel,
     build_latent_model_from,
@@ -39,9 +37,11 @@ from .latent import (
     evaluate_joint_ode,
     load_latent_run,
 )
-from .likelihood import evaluate_ode_nll
-from .ndm import NDM
-from .samplers import sample_images
+from latent_ndm.tasks.pixel import build_model, load_run
+from latent_ndm.training.checkpoint import load_weights, read_run_config, save_weights
+from vae.model import VAE
+
+from .config import LatentRunConfig, RunConfig, from_dict, to_dict
 
 WEIGHTS = "model.safetensors"
 PRIOR_WEIGHTS, VAE_DIR = "prior.safetensors", "vae"  # a saved latent model: config.json + vae/ + prior.safetensors
@@ -82,7 +82,7 @@ class _Pipeline:
     @torch.no_grad()
     def sample(self, n: int, sampler: str = "ancestral", steps: int | None = None,
                generator: torch.Generator | None = None, batch_size: int = 256) -> Tensor:
-        """n uint8 images [n, C, H, W] from the named sampler (see latent_ndm.samplers.SAMPLERS); the
+        """n uint8 images [n, C, H, W] from the named sampler (see latent_ndm.sampling.samplers.SAMPLERS); the
         function evaluations per batch are in `last_nfe`."""
         x, self.last_nfe = sample_images(self.prior, n, sampler, steps, generator, batch_size)
         return torch.cat([self.codec.decode(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])

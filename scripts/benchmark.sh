@@ -6,4 +6,4 @@
 #   scripts/benchmark.sh convs [--out docs/bench/convs]   (the denoiser's convolutions alone: the MFU bound)
 #   scripts/benchmark.sh data
 source "$(dirname "$0")/_env.sh"
-exec python -m latent_ndm.benchmark "$@"
+exec python -m latent_ndm.experiments.benchmark "$@"

@@ -4,4 +4,4 @@
 # straightness, pictures of F(x, t), samples and paths (about 10 minutes on 2 CPU cores):
 #   scripts/experiments_2d.sh [--steps 2000] [--curvature-weight 1e-3] [--seed 0] [--out docs/figures/2d]
 source "$(dirname "$0")/_env.sh"
-exec python -m latent_ndm.toy2d "$@"
+exec python -m latent_ndm.experiments.toy2d "$@"

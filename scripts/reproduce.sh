@@ -3,4 +3,4 @@
 # test NELBO at T = 10, 100, 1000 and continuous, ODE NLL, FD-MNIST; a table and a plot in docs/reproduce/.
 #   scripts/reproduce.sh [--steps 600] [--seeds 0,1] [--ode-images 20] [--fd-samples 500]
 source "$(dirname "$0")/_env.sh"
-exec python -m latent_ndm.reproduce "$@"
+exec python -m latent_ndm.experiments.reproduce "$@"

@@ -24,7 +24,7 @@ def _fresh_accelerator_state():
 @pytest.fixture(scope="session")
 def mnist_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The built-in MNIST subset as shards (train 4,500 in 5 shards, test 500 in 1), made once per session."""
-    from latent_ndm.shards import make_shards
+    from latent_ndm.data.shards import make_shards
 
     out = tmp_path_factory.mktemp("mnist5k")
     make_shards("mnist5k", out, maxcount=1000)

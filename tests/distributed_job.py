@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from latent_ndm.config import load_config
-from latent_ndm.data import eval_examples, process_group
-from latent_ndm.evaluate import evaluate_nelbo
-from latent_ndm.experiment import load_run, pixel_task
-from latent_ndm.train import train
+from latent_ndm.data.streams import eval_examples, process_group
+from latent_ndm.evaluation.nelbo import evaluate_nelbo
+from latent_ndm.tasks.pixel import load_run, pixel_task
+from latent_ndm.training.loop import train
 
 TINY_NET = ["channels=8", "channel_mult=[1,2]", "groups=4", "dropout=0.0"]
 

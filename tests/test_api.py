@@ -11,9 +11,9 @@ import torch
 
 from latent_ndm.cli import main
 from latent_ndm.config import load_config
-from latent_ndm.experiment import pixel_task
 from latent_ndm.pipeline import NDMPipeline
-from latent_ndm.train import train
+from latent_ndm.tasks.pixel import pixel_task
+from latent_ndm.training.loop import train
 
 
 @pytest.fixture(scope="module")

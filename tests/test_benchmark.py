@@ -1,4 +1,4 @@
-"""Tests for latent_ndm.benchmark that assert no timing: the bf16 guard, the report without a bf16 peak, the
+"""Tests for latent_ndm.experiments.benchmark that assert no timing: the bf16 guard, the report without a bf16 peak, the
 FLOPs the convs benchmark counts, peak memory and the diffusers reference row."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from latent_ndm import benchmark
+from latent_ndm.experiments import benchmark
 
 
 def test_bf16_fast_matches_the_onednn_capability_on_cpu() -> None:
@@ -47,7 +47,7 @@ def test_conv_shapes_account_for_every_convolution_flop_and_conv_rate_counts_the
     convolution is 3 direct convolutions' worth (forward, input gradient, weight gradient)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from latent_ndm.unet import build_unet
+    from latent_ndm.nets.unet import build_unet
 
     net = build_unet("tiny", 1, 1, 8, zero_init_out=False)
     x, t = torch.randn(2, 1, 8, 8), torch.rand(2)

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from latent_ndm.codec import PixelCodec
 from latent_ndm.config import ConfigError, LatentRunConfig, RunConfig, VAERunConfig, config_diff, load_config, to_dict
-from latent_ndm.experiment import NELBOObjective, build_model
+from latent_ndm.core.codec import PixelCodec
+from latent_ndm.tasks.pixel import NELBOObjective, build_model
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -74,8 +74,8 @@ def test_paper_scale_configs_build_and_take_one_step(name: str) -> None:
 ])
 def test_paper_scale_latent_configs_build_and_step(vae_name: str, latent_name: str, params: float,
                                                    tmp_path: Path) -> None:
-    from latent_ndm.latent import JointObjective, PreEncodedPriorObjective, build_latent_model
-    from latent_ndm.noise import Noise
+    from latent_ndm.core.noise import Noise
+    from latent_ndm.tasks.latent import JointObjective, PreEncodedPriorObjective, build_latent_model
     from vae.config import VAEConfig
     from vae.model import VAE
 

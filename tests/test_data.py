@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from latent_ndm.config import DataConfig
-from latent_ndm.data import eval_examples, train_batches
-from latent_ndm.shards import ShardFormatError, encode_png, make_shards, read_split
+from latent_ndm.data.shards import ShardFormatError, encode_png, make_shards, read_split
+from latent_ndm.data.streams import eval_examples, train_batches
 
 
 @pytest.fixture(scope="module")

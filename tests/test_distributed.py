@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from latent_ndm.checkpoint import latest_checkpoint
+from latent_ndm.training.checkpoint import latest_checkpoint
 
 JOB = Path(__file__).with_name("distributed_job.py")
 

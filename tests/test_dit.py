@@ -1,4 +1,4 @@
-"""Tests for latent_ndm.dit and the arch switch: shapes, zero init, forward-mode AD in t, bf16, the NDM with
+"""Tests for latent_ndm.nets.dit and the arch switch: shapes, zero init, forward-mode AD in t, bf16, the NDM with
 DiT networks built from a config, validation and presets."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from timm.layers import Attention
 from torch.autograd import forward_ad as fwad
 
 from latent_ndm.config import ConfigError, ModelConfig, NetConfig, load_config
-from latent_ndm.dit import DIT_SIZES, DiT, build_dit
-from latent_ndm.ndm import build_ndm
-from latent_ndm.networks import build_net
-from latent_ndm.unet import UNet
+from latent_ndm.core.ndm import build_ndm
+from latent_ndm.nets.build import build_net
+from latent_ndm.nets.dit import DIT_SIZES, DiT, build_dit
+from latent_ndm.nets.unet import UNet
 
 # torch loads its jvp decompositions through the deprecated torch.jit.script on first forward-AD use.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")

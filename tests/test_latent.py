@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from latent_ndm.config import LatentRunConfig, load_config
-from latent_ndm.latent import LatentCodec, StandardNormalPrior, joint_nelbo, latent_task
-from latent_ndm.noise import Noise
-from latent_ndm.train import train
+from latent_ndm.core.noise import Noise
+from latent_ndm.tasks.latent import LatentCodec, StandardNormalPrior, joint_nelbo, latent_task
+from latent_ndm.training.loop import train
 from vae.config import VAEConfig
 from vae.model import VAE
 
@@ -93,9 +93,9 @@ def test_end_to_end_stages_one_to_three_and_sampling_from_the_command_line(tmp_p
     import numpy as np
     from safetensors.torch import load_file
 
-    from latent_ndm.checkpoint import latest_checkpoint
     from latent_ndm.cli import main
     from latent_ndm.pipeline import LatentNDMPipeline
+    from latent_ndm.training.checkpoint import latest_checkpoint
 
     small = ["data.num_workers=0", "train.batch_size=8", "train.eval_every=0", "train.sample_every=0",
              "eval.final_examples=40", f"data.shards={mnist_shards}", f"out_dir={tmp_path}"]

@@ -13,15 +13,15 @@ import torch
 from safetensors.torch import load_file
 from test_latent import TINY_VAE
 
-from latent_ndm.checkpoint import latest_checkpoint
 from latent_ndm.cli import main
 from latent_ndm.config import LatentRunConfig, load_config
-from latent_ndm.latent import LatentModel, evaluate_joint, evaluate_joint_ode, latent_task
-from latent_ndm.ndm import build_ndm
-from latent_ndm.noise import Noise
+from latent_ndm.core.ndm import build_ndm
+from latent_ndm.core.noise import Noise
+from latent_ndm.core.process import bits_per_dim
 from latent_ndm.pipeline import LatentNDMPipeline, NDMPipeline, load_pipeline
-from latent_ndm.process import bits_per_dim
-from latent_ndm.train import train
+from latent_ndm.tasks.latent import LatentModel, evaluate_joint, evaluate_joint_ode, latent_task
+from latent_ndm.training.checkpoint import latest_checkpoint
+from latent_ndm.training.loop import train
 from vae.model import VAE
 
 NETS = [f"model.{n}.{o}" for n in ("denoiser", "transform_net") for o in ("channels=8", "groups=4")]

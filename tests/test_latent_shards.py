@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from latent_ndm.config import ConfigError, LatentRunConfig, load_config
-from latent_ndm.data import train_batches
-from latent_ndm.latent import build_latent_model, joint_nelbo, latent_task
-from latent_ndm.latent_shards import open_latent_shards
-from latent_ndm.shards import ReadStats, iterate_split, load_manifest, read_split, shard_samples, split_shards
-from latent_ndm.train import train
+from latent_ndm.data.latent_shards import open_latent_shards
+from latent_ndm.data.shards import ReadStats, iterate_split, load_manifest, read_split, shard_samples, split_shards
+from latent_ndm.data.streams import train_batches
+from latent_ndm.tasks.latent import build_latent_model, joint_nelbo, latent_task
+from latent_ndm.training.loop import train
 from vae.config import VAEConfig
 from vae.model import VAE
 

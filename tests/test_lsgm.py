@@ -8,15 +8,15 @@ import pytest
 import torch
 from helpers import perturbed
 
-from latent_ndm import process as P
 from latent_ndm.config import ConfigError, LatentRunConfig, load_config
-from latent_ndm.latent import JointObjective, LatentModel, joint_nelbo, latent_task
-from latent_ndm.ndm import NDM, Denoiser
-from latent_ndm.noise import Noise
-from latent_ndm.schedules import CosineGamma, LearnedGamma, LinearGamma
-from latent_ndm.train import train
-from latent_ndm.transforms import NeuralTransform
-from latent_ndm.unet import UNet
+from latent_ndm.core import process as P
+from latent_ndm.core.ndm import NDM, Denoiser
+from latent_ndm.core.noise import Noise
+from latent_ndm.core.schedules import CosineGamma, LearnedGamma, LinearGamma
+from latent_ndm.core.transforms import NeuralTransform
+from latent_ndm.nets.unet import UNet
+from latent_ndm.tasks.latent import JointObjective, LatentModel, joint_nelbo, latent_task
+from latent_ndm.training.loop import train
 from vae.config import VAEConfig
 from vae.model import VAE
 
@@ -103,7 +103,7 @@ def test_eps_mse_weighting_is_the_elbo_for_a_linear_schedule() -> None:
 
 
 def _latent_model(cfg_overrides: list[str], freeze: bool = False) -> LatentModel:
-    from latent_ndm.ndm import build_ndm
+    from latent_ndm.core.ndm import build_ndm
 
     cfg = load_config("configs/latent_ndm_mnist.yaml", NETS + cfg_overrides, schema=LatentRunConfig)
     model = LatentModel(VAE(TINY_VAE), build_ndm(cfg.model, 2, 4), freeze_vae=freeze)

@@ -1,5 +1,5 @@
-"""latent_ndm.malloc: with glibc keeping freed memory, repeated steps reuse their freed buffers without page faults;
-the user's own malloc settings, a preloaded allocator and non-glibc systems leave glibc alone."""
+"""latent_ndm.training.malloc: with glibc keeping freed memory, repeated steps reuse their freed buffers without
+page faults; the user's own malloc settings, a preloaded allocator and non-glibc systems leave glibc alone."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from latent_ndm import malloc
+from latent_ndm.training import malloc
 
 glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                            reason="glibc malloc settings")
@@ -25,7 +25,7 @@ glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0
 _MIB = (16, 24, 40, 64, 48)
 _CHILD = f"""
 import json, resource, sys, torch
-from latent_ndm import malloc
+from latent_ndm.training import malloc
 kept = malloc.keep_freed_memory()
 faults = []
 for _ in range(12 if sys.argv[1] == "steps" else 0):

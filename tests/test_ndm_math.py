@@ -11,11 +11,11 @@ from helpers import float64, perturbed  # noqa: F401 (fixture)
 from torch import Tensor, nn
 from torch.distributions import Normal, kl_divergence
 
-from latent_ndm import process as P
-from latent_ndm.ndm import NDM, Denoiser
-from latent_ndm.schedules import CosineGamma, LearnedGamma, LinearGamma
-from latent_ndm.transforms import IdentityTransform, NeuralTransform, Transform
-from latent_ndm.unet import UNet
+from latent_ndm.core import process as P
+from latent_ndm.core.ndm import NDM, Denoiser
+from latent_ndm.core.schedules import CosineGamma, LearnedGamma, LinearGamma
+from latent_ndm.core.transforms import IdentityTransform, NeuralTransform, Transform
+from latent_ndm.nets.unet import UNet
 
 pytestmark = pytest.mark.usefixtures("float64")  # closed-form comparisons in float64
 
@@ -279,7 +279,7 @@ def test_gaussian_decoder_and_bits_per_dim() -> None:
 
 def test_dropout_is_refused_inside_f() -> None:
     from latent_ndm.config import ConfigError, load_config
-    from latent_ndm.ndm import build_ndm
+    from latent_ndm.core.ndm import build_ndm
 
     with pytest.raises(ConfigError, match="transform_net.dropout must be 0"):
         load_config(None, ["model.transform_net.dropout=0.1"])

@@ -12,14 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from latent_ndm import quality as Q
-from latent_ndm.classifier import ClassifierConfig, ImageClassifier, train_classifier
 from latent_ndm.cli import main
 from latent_ndm.config import load_config
-from latent_ndm.experiment import build_model
+from latent_ndm.data.shards import MANIFEST, read_split, write_shards
+from latent_ndm.data.sources import ImageData
+from latent_ndm.evaluation import quality as Q
+from latent_ndm.evaluation.classifier import ClassifierConfig, ImageClassifier, train_classifier
 from latent_ndm.pipeline import NDMPipeline
-from latent_ndm.shards import MANIFEST, read_split, write_shards
-from latent_ndm.sources import ImageData
+from latent_ndm.tasks.pixel import build_model
 
 
 @pytest.fixture(autouse=True, scope="module")

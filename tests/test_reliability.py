@@ -18,8 +18,12 @@ import torch
 from safetensors.torch import load_file
 from test_training import losses, tiny
 
-from latent_ndm import checkpoint as ckpt_mod
-from latent_ndm.checkpoint import (
+from latent_ndm.cli import main
+from latent_ndm.core.codec import PixelCodec
+from latent_ndm.experiments.crashtest import run as crashtest
+from latent_ndm.tasks.pixel import build_model, load_run, pixel_task
+from latent_ndm.training import checkpoint as ckpt_mod
+from latent_ndm.training.checkpoint import (
     CheckpointError,
     CheckpointWriteError,
     checkpoint_dirs,
@@ -28,11 +32,7 @@ from latent_ndm.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from latent_ndm.cli import main
-from latent_ndm.codec import PixelCodec
-from latent_ndm.crashtest import run as crashtest
-from latent_ndm.experiment import build_model, load_run, pixel_task
-from latent_ndm.train import TrainingInterrupted, train
+from latent_ndm.training.loop import TrainingInterrupted, train
 
 
 def weights(run_dir: Path, name: str = "model") -> dict[str, torch.Tensor]:
@@ -238,7 +238,7 @@ def test_bad_cli_input_is_one_clear_error(case: str, tmp_path: Path, mnist_shard
 
 
 def test_empty_image_folder_and_bad_python_inputs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from latent_ndm.shards import main as make_shards_main
+    from latent_ndm.data.shards import main as make_shards_main
 
     (tmp_path / "empty").mkdir()
     assert make_shards_main(["folder", str(tmp_path / "out"), "--root", str(tmp_path / "empty")]) == 1

@@ -10,14 +10,14 @@ import torch
 from helpers import perturbed
 from torch import Tensor, nn
 
-from latent_ndm import ode
-from latent_ndm import process as P
-from latent_ndm.likelihood import _probes, drift_and_divergence, ode_nll
-from latent_ndm.ndm import NDM, Denoiser
-from latent_ndm.samplers import SAMPLERS, ancestral
-from latent_ndm.schedules import LinearGamma
-from latent_ndm.transforms import IdentityTransform, NeuralTransform
-from latent_ndm.unet import UNet
+from latent_ndm.core import process as P
+from latent_ndm.core.ndm import NDM, Denoiser
+from latent_ndm.core.schedules import LinearGamma
+from latent_ndm.core.transforms import IdentityTransform, NeuralTransform
+from latent_ndm.nets.unet import UNet
+from latent_ndm.sampling import ode
+from latent_ndm.sampling.ode_nll import _probes, drift_and_divergence, ode_nll
+from latent_ndm.sampling.samplers import SAMPLERS, ancestral
 
 
 def tiny_ndm(num_steps: int = 0, size: int = 8, scale: float = 0.05) -> NDM:
@@ -81,7 +81,7 @@ def test_discrete_model_follows_its_ancestral_chain_exactly() -> None:
 
 
 def test_strided_grid_of_a_discrete_model() -> None:
-    from latent_ndm.samplers import time_grid
+    from latent_ndm.sampling.samplers import time_grid
 
     ndm = tiny_ndm(1000)
     grid = time_grid(ndm, 10, torch.device("cpu"))
@@ -203,7 +203,7 @@ def test_ode_nll_runs_end_to_end_with_a_neural_transform() -> None:
 
 
 def test_transform_picture_is_x_at_t0_and_repeats_x_for_the_identity() -> None:
-    from latent_ndm.pictures import TIMES, transform_rows
+    from latent_ndm.evaluation.pictures import TIMES, transform_rows
 
     images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     ndm = tiny_ndm()
@@ -219,7 +219,7 @@ def test_transform_picture_is_x_at_t0_and_repeats_x_for_the_identity() -> None:
 def test_euler_is_first_order_on_the_exact_gaussian_flow() -> None:
     """With the optimal xhat the flow is affine per dimension (see the NLL test): z_0 = alpha_0 m +
     r_0/r_1 (z_1 - alpha_1 m). Euler's error must halve as the steps double; Heun's fall by ~4."""
-    from latent_ndm.samplers import ode_euler, ode_heun
+    from latent_ndm.sampling.samplers import ode_euler, ode_heun
 
     ndm = gaussian_ndm()
     z_1 = torch.randn(64, 4, generator=torch.Generator().manual_seed(3))

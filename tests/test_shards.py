@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latent_ndm.shards import (
+from latent_ndm.data.shards import (
     ReadStats,
     ShardFormatError,
     load_manifest,
@@ -19,7 +19,7 @@ from latent_ndm.shards import (
     shard_samples,
     split_shards,
 )
-from latent_ndm.sources import load_folder, load_mnist5k, load_npz
+from latent_ndm.data.sources import load_folder, load_mnist5k, load_npz
 
 
 def test_mnist5k_round_trips_exactly(mnist_shards: Path) -> None:

@@ -1,4 +1,4 @@
-"""The hand-written tangent pass (latent_ndm.tangents, UNet.forward_and_time_derivative) against torch.func.jvp,
+"""The hand-written tangent pass (latent_ndm.nets.tangents, UNet.forward_and_time_derivative) against torch.func.jvp,
 layer by layer and for the whole U-Net and NDM loss, values and parameter gradients, in float64."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import torch
 from helpers import float64, perturbed  # noqa: F401 (fixture)
 from torch import nn
 
-from latent_ndm import tangents as D
-from latent_ndm.ndm import NDM, Denoiser
-from latent_ndm.schedules import LearnedGamma
-from latent_ndm.transforms import NeuralTransform
-from latent_ndm.unet import UNet, build_unet
+from latent_ndm.core.ndm import NDM, Denoiser
+from latent_ndm.core.schedules import LearnedGamma
+from latent_ndm.core.transforms import NeuralTransform
+from latent_ndm.nets import tangents as D
+from latent_ndm.nets.unet import UNet, build_unet
 
 pytestmark = pytest.mark.usefixtures("float64")  # the two computations must agree to round-off
 

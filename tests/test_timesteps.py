@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from latent_ndm.noise import Noise, keyed_generator
-from latent_ndm.timesteps import ImportanceSampler
+from latent_ndm.core.noise import Noise, keyed_generator
+from latent_ndm.core.timesteps import ImportanceSampler
 
 
 def test_low_discrepancy_points_are_stratified() -> None:

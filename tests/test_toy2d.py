@@ -9,12 +9,18 @@ import pytest
 import torch
 from helpers import perturbed
 
-from latent_ndm import ode
-from latent_ndm.distances import energy_distance, random_directions, sliced_wasserstein, wasserstein_1d
-from latent_ndm.noise import Noise
-from latent_ndm.paths import curvature_penalty, drift_total_derivative, ode_paths, straightness, velocity_deviation
-from latent_ndm.samplers import SAMPLERS
-from latent_ndm.toy2d import DATASETS, TimeMLP, build_toy_ndm, sample_data, train_toy, two_moons
+from latent_ndm.core.noise import Noise
+from latent_ndm.evaluation.distances import energy_distance, random_directions, sliced_wasserstein, wasserstein_1d
+from latent_ndm.experiments.toy2d import DATASETS, TimeMLP, build_toy_ndm, sample_data, train_toy, two_moons
+from latent_ndm.sampling import ode
+from latent_ndm.sampling.paths import (
+    curvature_penalty,
+    drift_total_derivative,
+    ode_paths,
+    straightness,
+    velocity_deviation,
+)
+from latent_ndm.sampling.samplers import SAMPLERS
 
 # -- data -------------------------------------------------------------------------------------------------------
 

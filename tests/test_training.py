@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from latent_ndm import train as train_module
-from latent_ndm.checkpoint import checkpoint_dirs, latest_checkpoint
 from latent_ndm.config import ConfigError, load_config
-from latent_ndm.experiment import load_run, pixel_task
-from latent_ndm.train import train
+from latent_ndm.tasks.pixel import load_run, pixel_task
+from latent_ndm.training import loop as train_module
+from latent_ndm.training.checkpoint import checkpoint_dirs, latest_checkpoint
+from latent_ndm.training.loop import train
 
 TINY_NET = ["channels=8", "channel_mult=[1,2]", "groups=4"]
 

@@ -1,4 +1,4 @@
-"""Tests for latent_ndm.unet: shapes, forward-mode AD in t, reverse-over-forward, bf16, validation."""
+"""Tests for latent_ndm.nets.unet: shapes, forward-mode AD in t, reverse-over-forward, bf16, validation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import forward_ad as fwad
 
-from latent_ndm.unet import UNET_SIZES, GroupNorm32, UNet, build_unet
+from latent_ndm.nets.unet import UNET_SIZES, GroupNorm32, UNet, build_unet
 
 # torch loads its jvp decompositions through the deprecated torch.jit.script on first forward-AD use.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")

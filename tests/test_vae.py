@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from latent_ndm.checkpoint import latest_checkpoint
 from latent_ndm.config import ConfigError, VAERunConfig, load_config
-from latent_ndm.train import train
-from latent_ndm.vae_task import vae_task
+from latent_ndm.tasks.vae import vae_task
+from latent_ndm.training.checkpoint import latest_checkpoint
+from latent_ndm.training.loop import train
 from vae.config import VAEConfig
 from vae.model import VAE
 
@@ -113,7 +113,7 @@ def test_tiny_vae_training_on_mnist_improves_reconstructions(tmp_path: Path, mni
 
 def test_perceptual_decoder_with_gan_trains_through_the_loop(tmp_path: Path) -> None:
     """The LDM-style path: L1 + LPIPS (random backbone: no weights file here) + patch-GAN from step 3."""
-    from latent_ndm.shards import make_shards
+    from latent_ndm.data.shards import make_shards
 
     make_shards("photo-patches", tmp_path / "photos", patch=32)
     cfg = load_config("configs/vae_photos.yaml", [

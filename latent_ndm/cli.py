@@ -179,7 +179,7 @@ def cmd_evaluate(argv: list[str]) -> int:
             inception_weights_path(args.inception_weights)
     from latent_ndm.data.streams import eval_examples, open_split
 
-    from .pipeline import LatentNDMPipeline, load_pipeline
+    from .pipeline import load_pipeline
 
     pipe = load_pipeline(args.path, ema=not args.no_ema)
     cfg = pipe.config
@@ -200,10 +200,9 @@ def cmd_evaluate(argv: list[str]) -> int:
             report["nelbo"]["continuous" if T == 0 else f"T={T}"] = res
     if "ode_nll" in metrics:
         images, ids, _ = eval_examples(cfg.data, "test", args.ode_images, 0, 1)
-        # A latent model keys each image's z0 by its id, as its NELBO does.
-        extra = {"ids": ids} if isinstance(pipe, LatentNDMPipeline) else {}
-        report["ode_nll"] = pipe.ode_nll_bpd(images, args.probes, args.rtol, args.atol, cfg.eval.seed,
-                                             progress=True, **extra)
+        # Each image's draws (its dequantisation, a latent model's z0, the probes) are keyed by its id.
+        report["ode_nll"] = pipe.ode_nll_bpd(images, args.probes, args.rtol, args.atol, cfg.eval.seed, ids=ids,
+                                             progress=True)
     if quality:
         from latent_ndm.evaluation.quality import sample_quality
 

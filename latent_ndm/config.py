@@ -8,20 +8,14 @@ error that lists the valid keys instead of a silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
-import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from latent_ndm.config_io import ConfigError, config_diff, from_dict, merge, parse_overrides, to_dict  # noqa: F401
 from vae.config import VAEConfig, VAELossConfig
-
-
-class ConfigError(ValueError):
-    """A configuration file or override that does not fit the schema."""
 
 
 @dataclass
@@ -110,6 +104,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.99)
     warmup_steps: int = 50  # linear learning-rate warm-up
+    lr_schedule: str = "constant"  # after the warm-up: constant | cosine (decays to min_lr at train.steps)
+    min_lr: float = 0.0  # the end of the cosine decay
+    grad_accum: int = 1  # micro-batches per step (gradients add up to the batch's); must divide each
+    # process's data lanes (data.lanes / processes), so that the step's noise is the unaccumulated step's
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     ema_decay: float = 0.999  # EMA of the weights (kept in float32); 0 disables the EMA
     bf16: bool = False  # bf16 autocast for the forward pass
@@ -135,34 +133,41 @@ class EvalConfig:
 
 
 @dataclass
-class RunConfig:
+class _RunCommon:
+    """What every run has: where it lives, its data, training and evaluation settings."""
+
+    kind: str = ""  # what the run trains: fixed per schema, recorded so that loading needs no guessing
     name: str = "run"  # the run lives in {out_dir}/{name}
     out_dir: str = "runs"
-    model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 @dataclass
-class VAERunConfig:
+class RunConfig(_RunCommon):
+    """A pixel-space NDM (or its F = identity baseline)."""
+
+    kind: str = "pixel"
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+@dataclass
+class VAERunConfig(_RunCommon):
     """Stage 1: the VAE (vae/) trained through the same loop and data pipeline."""
 
+    kind: str = "vae"
     name: str = "vae"
-    out_dir: str = "runs"
     vae: VAEConfig = field(default_factory=VAEConfig)
     loss: VAELossConfig = field(default_factory=VAELossConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 @dataclass
-class LatentRunConfig:
+class LatentRunConfig(_RunCommon):
     """Stages 2 and 3 of the latent model: an NDM prior on a stage-1 VAE's latents, then end to end."""
 
+    kind: str = "latent"
     name: str = "latent_ndm"
-    out_dir: str = "runs"
     vae_path: str = "runs/vae_mnist/vae"  # a saved VAE: train_vae.sh exports runs/NAME/vae
     stage: str = "prior"  # prior: stage 2, the VAE frozen | joint: stage 3, every part trained end to end
     init_from: str = ""  # a run directory (e.g. stage 2's) whose latest EMA weights start this run
@@ -173,117 +178,6 @@ class LatentRunConfig:
     latents: str = ""  # stage 2 only: train on posteriors pre-encoded by scripts/encode_latents.sh (that folder)
     # instead of encoding every batch; "" = encode on the fly. Evaluation still encodes the test images.
     model: ModelConfig = field(default_factory=lambda: ModelConfig(likelihood="gaussian"))
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-# ----------------------------------------------------------------------------------------------
-# Building a dataclass from plain data, with every key and type checked.
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: cannot be {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(tp, type) and isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return from_dict(tp, value, where)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        # PyYAML (YAML 1.1) reads `1e-4` as a string, so numeric strings are accepted here.
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    raise ConfigError(f"{where}: unsupported type {tp}")
-
-
-def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
-    """Build dataclass `cls` from `data`; unknown keys and wrong types raise ConfigError."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!s}; valid keys here: {', '.join(prefix + n for n in names)}"
-        )
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain, JSON-serialisable data (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = tree
-    for p in parts[:-1]:
-        child = node.get(p)
-        if child is None:
-            child = node[p] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {key}: {p} is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def _merge(base: dict[str, Any], diff: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in diff.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=3e-4)")
-        key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
-    return tree
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, schema: type = RunConfig):
@@ -299,7 +193,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: expected a mapping at the top level")
         data = loaded
         data.setdefault("name", path.stem)
-    data = _merge(data, parse_overrides(overrides or []))
+    data = merge(data, parse_overrides(overrides or []))
     cfg = from_dict(schema, data)
     validate(cfg)
     return cfg
@@ -312,6 +206,9 @@ def _validate_common(cfg: RunConfig | VAERunConfig | LatentRunConfig) -> None:
     if not t.lr > 0 or t.weight_decay < 0 or t.grad_clip < 0 or t.warmup_steps < 0:
         raise ConfigError(f"train.lr = {t.lr} must be > 0; train.weight_decay, train.grad_clip and "
                           "train.warmup_steps >= 0")
+    if t.lr_schedule not in ("constant", "cosine") or not 0.0 <= t.min_lr <= t.lr or t.grad_accum < 1:
+        raise ConfigError(f"train.lr_schedule = {t.lr_schedule!r} (constant | cosine), train.min_lr = {t.min_lr} "
+                          f"(in [0, train.lr]), train.grad_accum = {t.grad_accum} (>= 1)")
     if not all(0.0 <= b < 1.0 for b in t.betas):
         raise ConfigError(f"train.betas = {t.betas}; both must lie in [0, 1)")
     if t.ckpt_every < 0 or t.keep_checkpoints < 0 or t.max_nonfinite_steps < 0:
@@ -326,8 +223,23 @@ def _validate_common(cfg: RunConfig | VAERunConfig | LatentRunConfig) -> None:
         raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of data.lanes={d.lanes}")
 
 
+RUN_SCHEMAS: dict[str, type] = {"pixel": RunConfig, "latent": LatentRunConfig, "vae": VAERunConfig}
+
+
+def run_schema(data: dict[str, Any]) -> type:
+    """The config class of a saved run config (plain data). Runs written before `kind` was recorded are
+    recognised by their sections: a latent run names its VAE, a VAE run has a `vae` section."""
+    kind = data.get("kind") or ("latent" if "vae_path" in data else "vae" if "vae" in data else "pixel")
+    if kind not in RUN_SCHEMAS:
+        raise ConfigError(f"unknown run kind {kind!r}; expected one of {', '.join(RUN_SCHEMAS)}")
+    return RUN_SCHEMAS[kind]
+
+
 def validate(cfg: RunConfig | VAERunConfig | LatentRunConfig) -> None:
     """Checks of values that the types alone cannot express."""
+    expected = next(k for k, schema in RUN_SCHEMAS.items() if isinstance(cfg, schema))
+    if cfg.kind != expected:
+        raise ConfigError(f"kind = {cfg.kind!r}, but this is a {expected} run's configuration (leave kind out)")
     _validate_common(cfg)
     if isinstance(cfg, VAERunConfig):
         try:
@@ -398,16 +310,3 @@ def _validate_net(net: NetConfig, where: str, image_size: int | None) -> None:
         patch = net.patch_size if net.patch_size is not None else DIT_SIZES[net.size]["patch_size"]
         if image_size is not None and (patch < 1 or image_size % patch):
             raise ConfigError(f"{where}.patch_size = {patch} must divide data.image_size = {image_size}")
-
-
-def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Readable lines `key: old -> new` for every leaf that differs."""
-    lines = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
-        key = f"{prefix}{k}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            lines += config_diff(a, b, key + ".")
-        elif a != b:
-            lines.append(f"{key}: {a!r} -> {b!r}")
-    return lines

@@ -1,19 +1,14 @@
-"""The Python API for a trained model, pixel-space or latent: load, sample, bits/dim, save.
+"""The Python API for a trained model, pixel-space or latent: load, sample, encode/decode, bits/dim, save.
 
     pipe = NDMPipeline.from_pretrained("runs/ndm_mnist")           # a run directory or a saved model
     images = pipe.sample(16, sampler="ode_heun", steps=50, generator=torch.Generator().manual_seed(0))
     pipe.nelbo_bpd(images)                                          # {'bpd': ..., 'rec_bpd': ..., ...}
-    pipe.save_pretrained("models/ndm_mnist")                        # config.json + model.safetensors
+    pipe.ode_nll_bpd(images)                                        # the bound with the exact ODE NLL
+    z = pipe.encode(images); pipe.decode(z)                         # model space (latents of a latent model)
+    pipe.save_pretrained("models/ndm_mnist")                        # config.json + ndm/ (+ vae/) + run.json
 
-    pipe = LatentNDMPipeline.from_pretrained("runs/latent_ndm_mnist_joint")   # VAE + NDM prior
-    z = pipe.encode(images)                                         # normalised latents (posterior mean)
-    pipe.decode(z)                                                  # uint8 images
-    pipe.nelbo_bpd(images), pipe.ode_nll_bpd(images)                # the full model, bits/dim of the images
-    pipe.save_pretrained("models/latent_mnist")                     # config.json + vae/ + prior.safetensors
-
-    load_pipeline(path)                                             # either kind, from its config.json
-
-Images go in and out as uint8 tensors [N, C, H, W].
+Pixel and latent models are the same class: an `ImageModel` (codec + NDM) and the run config it was trained
+with. Images go in and out as uint8 tensors [N, C, H, W]; bits are per image dimension.
 """
 
 from __future__ import annotations
@@ -24,199 +19,159 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from latent_ndm.core.codec import PixelCodec
+from latent_ndm.config import LatentRunConfig, RunConfig, from_dict, run_schema, to_dict
+from latent_ndm.core.codec import LatentCodec, PixelCodec, check_images
+from latent_ndm.core.model import ImageModel
 from latent_ndm.core.ndm import NDM
-from latent_ndm.evaluation.nelbo import evaluate_nelbo
-from latent_ndm.sampling.ode_nll import evaluate_ode_nll
+from latent_ndm.evaluation.nelbo import evaluate_nelbo, evaluate_ode_nll
 from latent_ndm.sampling.samplers import sample_images
-from latent_ndm.tasks.latent import (
-    LatentCodec,
-    LatentModel,
-    build_latent_model_from,
-    evaluate_joint,
-    evaluate_joint_ode,
-    load_latent_run,
-)
-from latent_ndm.tasks.pixel import build_model, load_run
-from latent_ndm.training.checkpoint import load_weights, read_run_config, save_weights
+from latent_ndm.tasks.runs import build_model, load_run
+from latent_ndm.training.checkpoint import load_weights, read_run_config
 from vae.model import VAE
 
-from .config import LatentRunConfig, RunConfig, from_dict, to_dict
-
-WEIGHTS = "model.safetensors"
-PRIOR_WEIGHTS, VAE_DIR = "prior.safetensors", "vae"  # a saved latent model: config.json + vae/ + prior.safetensors
+CONFIG, RUN, NDM_DIR, VAE_DIR = "config.json", "run.json", "ndm", "vae"
 
 
-def _read_config(path: Path) -> dict | None:
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"{path} does not exist (expected a run or saved model directory)")
-    return read_run_config(path) if (Path(path) / "config.json").is_file() else None
+class NDMPipeline:
+    """A trained model (pixel or latent) with the configuration it was trained with.
 
+    model: the codec and the NDM; config: the training run's config (its data section says which test
+    images the evaluation reads); None when unknown.
+    """
 
-def is_latent(path: str | Path) -> bool:
-    """Whether a run or saved model directory holds a latent model (its config is a LatentRunConfig)."""
-    data = _read_config(Path(path))
-    return data is not None and "vae_path" in data
-
-
-def load_pipeline(path: str | Path, ema: bool = True, device: str | torch.device = "cpu"
-                  ) -> NDMPipeline | LatentNDMPipeline:
-    """The pipeline for a run or saved model directory of either kind (pixel or latent)."""
-    cls = LatentNDMPipeline if is_latent(path) else NDMPipeline
-    return cls.from_pretrained(path, ema=ema, device=device)
-
-
-class _Pipeline:
-    """What pixel and latent pipelines share: uint8 image checks and sampling through `prior` + `codec`."""
-
-    config: RunConfig | LatentRunConfig
-    codec: PixelCodec | LatentCodec
-    prior: NDM  # the NDM that samples live in (pixels, or latents that the codec decodes)
-    last_nfe: dict  # {'nfe_xhat', 'nfe_f'} per batch of the last `sample`
+    def __init__(self, model: ImageModel, image_shape: tuple[int, int, int],
+                 config: RunConfig | LatentRunConfig | None = None):
+        self.model, self.image_shape, self.config = model.eval(), tuple(image_shape), config
+        self.last_nfe: dict = {}  # {'nfe_xhat', 'nfe_f'} per batch of the last `sample`
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
-        d = self.config.data
-        return (d.channels, d.image_size, d.image_size)
+    def ndm(self) -> NDM:
+        return self.model.ndm
+
+    @property
+    def codec(self) -> PixelCodec | LatentCodec:
+        return self.model.codec
+
+    @property
+    def is_latent(self) -> bool:
+        return isinstance(self.codec, LatentCodec)
+
+    @property
+    def model_shape(self) -> tuple[int, ...]:
+        """One example's shape in the NDM's space (the image shape, or the VAE's latent shape)."""
+        return tuple(self.ndm.data_shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def to(self, device: str | torch.device) -> NDMPipeline:
+        self.model.to(device)
+        return self
+
+    # -- loading and saving -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> NDMPipeline:
+        """Load a directory written by `save_pretrained`, or a training run (its latest checkpoint, EMA weights
+        unless ema=False). Models saved by earlier versions (a run config.json beside model.safetensors, or
+        beside vae/ + prior.safetensors) load too."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} does not exist (expected a run or saved model directory)")
+        if not (path / CONFIG).is_file():
+            raise FileNotFoundError(f"{path} is neither a saved model nor a run directory (no {CONFIG})")
+        data = read_run_config(path)
+        if data.get("class") == cls.__name__:
+            ndm = NDM.from_pretrained(path / NDM_DIR)
+            codec = LatentCodec(VAE.from_pretrained(path / VAE_DIR)) if data["codec"] == "latent" else PixelCodec()
+            config = None
+            if (path / RUN).is_file():
+                run = json.loads((path / RUN).read_text())
+                config = from_dict(run_schema(run), run)
+            return cls(ImageModel(codec, ndm), data["image_shape"], config).to(device)
+        config = from_dict(run_schema(data), data)
+        if (path / "checkpoints").is_dir():
+            config, model = load_run(path, ema)
+        elif (path / "model.safetensors").is_file():  # a pixel model saved by an earlier version
+            model = build_model(config)
+            load_weights(model, path / "model.safetensors")
+        elif (path / "prior.safetensors").is_file() and (path / VAE_DIR).is_dir():  # ... a latent one
+            model = build_model(config, path / VAE_DIR)
+            load_weights(model.ndm, path / "prior.safetensors")
+        else:
+            raise FileNotFoundError(f"{path} has a {CONFIG} but neither checkpoints/ nor saved weights")
+        d = config.data
+        return cls(model, (d.channels, d.image_size, d.image_size), config).to(device)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """config.json (class, codec, image shape) + ndm/ (the NDM's own config and weights) + vae/ for a latent
+        model (the VAE's own format) + run.json (the training run's config, for provenance and test data)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.ndm.save_pretrained(path / NDM_DIR)
+        if self.is_latent:
+            self.codec.vae.save_pretrained(path / VAE_DIR)
+        if self.config is not None:
+            (path / RUN).write_text(json.dumps(to_dict(self.config), indent=2))
+        meta = {"class": type(self).__name__, "codec": "latent" if self.is_latent else "pixel",
+                "image_shape": list(self.image_shape)}
+        (path / CONFIG).write_text(json.dumps(meta, indent=2))  # last: a complete directory has it
+        return path
+
+    # -- sampling and the codec -----------------------------------------------------------------------
 
     @torch.no_grad()
     def sample(self, n: int, sampler: str = "ancestral", steps: int | None = None,
                generator: torch.Generator | None = None, batch_size: int = 256) -> Tensor:
         """n uint8 images [n, C, H, W] from the named sampler (see latent_ndm.sampling.samplers.SAMPLERS); the
-        function evaluations per batch are in `last_nfe`."""
-        x, self.last_nfe = sample_images(self.prior, n, sampler, steps, generator, batch_size)
-        return torch.cat([self.codec.decode(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
-
-    def _check(self, images: Tensor) -> Tensor:
-        if images.dtype != torch.uint8:
-            raise TypeError(f"images must be uint8 [N, C, H, W], got {images.dtype}")
-        if tuple(images.shape[1:]) != self.image_shape:
-            raise ValueError(f"images must have shape [N, {', '.join(map(str, self.image_shape))}], "
-                             f"got {tuple(images.shape)}")
-        return images
-
-
-class NDMPipeline(_Pipeline):
-    """A trained pixel-space NDM (or baseline) with its configuration and codec."""
-
-    def __init__(self, model: NDM, config: RunConfig):
-        self.model, self.config, self.codec = model.eval(), config, PixelCodec()
-        self.prior = self.model
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> NDMPipeline:
-        """Load a directory written by `save_pretrained`, or a training run (its latest checkpoint,
-        EMA weights unless ema=False)."""
-        path = Path(path)
-        if is_latent(path):
-            raise ValueError(f"{path} holds a latent model: load it with LatentNDMPipeline (or load_pipeline)")
-        if (path / WEIGHTS).is_file() and (path / "config.json").is_file():
-            cfg = from_dict(RunConfig, read_run_config(path))
-            model = build_model(cfg)
-            load_weights(model, path / WEIGHTS)
-        elif (path / "config.json").is_file():
-            cfg, model = load_run(path, ema=ema)
-        else:
-            raise FileNotFoundError(f"{path} is neither a saved model (config.json + {WEIGHTS}) nor a run directory")
-        return cls(model.to(device), cfg)
-
-    def save_pretrained(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(to_dict(self.config), indent=2))
-        save_weights(self.model, path / WEIGHTS, metadata={"format": "latent-ndm"})
-        return path
-
-    def nelbo_bpd(self, images: Tensor, num_steps: int | None = None, repeats: int = 1, seed: int = 0,
-                  ids: Tensor | None = None, batch_size: int = 250, progress: bool = False) -> dict:
-        """Mean NELBO in bits/dim per term; num_steps = T, 0 for continuous time, None for the model's own.
-        ids (default 0..N-1) key each image's noise."""
-        return evaluate_nelbo(self.model, self._check(images), self.codec, num_steps, batch_size, repeats, seed,
-                              progress, ids)
-
-    def ode_nll_bpd(self, images: Tensor, probes: int = 1, rtol: float = 1e-5, atol: float = 1e-5,
-                    seed: int = 0, batch_size: int = 100, progress: bool = False) -> dict:
-        """Exact NLL in bits/dim through the probability-flow ODE (dequantised, +7 bits for 0..255)."""
-        return evaluate_ode_nll(self.model, self._check(images), self.codec, batch_size, probes, seed, rtol, atol,
-                                progress)
-
-
-class LatentNDMPipeline(_Pipeline):
-    """A trained latent model (LSGM-style): the VAE's encoder and decoder with an NDM prior on its
-    normalised latents. Saved as config.json (its LatentRunConfig) + vae/ (the VAE's own format) +
-    prior.safetensors (the NDM)."""
-
-    def __init__(self, model: LatentModel, config: LatentRunConfig):
-        self.model, self.config = model.eval(), config
-        self.codec, self.prior = LatentCodec(model.vae), model.ndm
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, ema: bool = True,
-                        device: str | torch.device = "cpu") -> LatentNDMPipeline:
-        """Load a directory written by `save_pretrained`, or a latent training run (its latest checkpoint,
-        EMA weights unless ema=False; the VAE's architecture is read from the run's vae_path)."""
-        path = Path(path)
-        data = _read_config(path)
-        if data is not None and (path / PRIOR_WEIGHTS).is_file() and (path / VAE_DIR).is_dir():
-            cfg = from_dict(LatentRunConfig, data)
-            model = build_latent_model_from(cfg, path / VAE_DIR)
-            load_weights(model.ndm, path / PRIOR_WEIGHTS)
-        elif data is not None:
-            cfg, model = load_latent_run(path, ema=ema)
-        else:
-            raise FileNotFoundError(f"{path} is neither a saved latent model (config.json + {VAE_DIR}/ + "
-                                    f"{PRIOR_WEIGHTS}) nor a run directory")
-        return cls(model.to(device), cfg)
-
-    def save_pretrained(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        # The config keeps the training run's vae_path (provenance); loading reads the VAE from vae/.
-        (path / "config.json").write_text(json.dumps(to_dict(self.config), indent=2))
-        self.model.vae.save_pretrained(path / VAE_DIR)
-        save_weights(self.model.ndm, path / PRIOR_WEIGHTS, metadata={"format": "latent-ndm-prior"})
-        return path
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return self.model.vae.latent_shape(self.config.data.image_size)
+        function evaluations per batch are in `last_nfe`. `generator` lives on the model's device."""
+        x, self.last_nfe = sample_images(self.ndm, n, sampler, steps, generator, batch_size)
+        return self.decode(x, batch_size)
 
     @torch.no_grad()
     def encode(self, images: Tensor, sample: bool = False, generator: torch.Generator | None = None,
                batch_size: int = 256) -> Tensor:
-        """Normalised latents [N, c, h, w] of uint8 images: the posterior mean of q(z0|x), or one draw
-        from it with sample=True."""
-        self._check(images)
-        device = self.model.vae.latent_shift.device
+        """uint8 images -> model space [N, ...]: pixels on the bin centres, or the posterior mean of q(z0|x)
+        (one draw from it with sample=True) of a latent model."""
+        check_images(images, self.image_shape)
         out = []
         for start in range(0, len(images), batch_size):
-            q = self.model.vae.encode(VAE.from_uint8(images[start : start + batch_size].to(device)))
-            out.append(q.sample(generator) if sample else q.mean)
+            batch = images[start : start + batch_size].to(self.device)
+            if sample and self.is_latent:
+                out.append(self.codec.vae.encode(self.codec.vae.from_uint8(batch)).sample(generator))
+            else:
+                out.append(self.codec.encode_mean(batch))
         return torch.cat(out)
 
     @torch.no_grad()
-    def decode(self, latents: Tensor, batch_size: int = 256) -> Tensor:
-        """uint8 images [N, C, H, W] from normalised latents [N, c, h, w] (the decoder's mean image)."""
-        if not torch.is_floating_point(latents) or tuple(latents.shape[1:]) != self.latent_shape:
-            raise ValueError(f"latents must be float [N, {', '.join(map(str, self.latent_shape))}], "
-                             f"got {latents.dtype} {tuple(latents.shape)}")
-        device = self.model.vae.latent_shift.device
-        return torch.cat([self.codec.decode(latents[i : i + batch_size].to(device))
-                          for i in range(0, len(latents), batch_size)])
+    def decode(self, x: Tensor, batch_size: int = 256) -> Tensor:
+        """uint8 images [N, C, H, W] from model space [N, ...] (a latent model: the decoder's mean image)."""
+        if not torch.is_floating_point(x) or tuple(x.shape[1:]) != self.model_shape:
+            raise ValueError(f"model-space data must be float [N, {', '.join(map(str, self.model_shape))}], "
+                             f"got {x.dtype} {tuple(x.shape)}")
+        return torch.cat([self.codec.decode(x[i : i + batch_size].to(self.device)).cpu()
+                          for i in range(0, len(x), batch_size)])
+
+    # -- bits/dim ---------------------------------------------------------------------------------------
 
     def nelbo_bpd(self, images: Tensor, num_steps: int | None = None, repeats: int = 1, seed: int = 0,
                   ids: Tensor | None = None, batch_size: int = 250, progress: bool = False) -> dict:
-        """The full model's mean NELBO in bits per image dimension, per term ('decoder', 'log_q' and the
-        prior's 'rec', 'diff', 'prior') and in total; num_steps = the prior's T, 0 for continuous time,
-        None for its own. ids (default 0..N-1) key each image's noise."""
-        ids = torch.arange(len(images)) if ids is None else ids
-        return evaluate_joint(self.model, self._check(images), ids, num_steps, batch_size, repeats, seed,
-                              progress=progress)
+        """The whole model's mean NELBO in bits per image dimension, per term and in total (a latent model:
+        'decoder', 'log_q' and the prior's 'rec', 'diff', 'prior'); num_steps = the NDM's T, 0 for continuous
+        time, None for its own. ids (default 0..N-1) key each image's noise."""
+        return evaluate_nelbo(self.model, check_images(images, self.image_shape), ids, num_steps, batch_size,
+                              repeats, seed, progress=progress)
 
     def ode_nll_bpd(self, images: Tensor, probes: int = 1, rtol: float = 1e-5, atol: float = 1e-5,
-                    seed: int = 0, ids: Tensor | None = None, batch_size: int = 100, progress: bool = False) -> dict:
-        """The full model's bound with the prior's exact ODE NLL in place of its NELBO, in bits per image
-        dimension, with NFE and time (see latent.evaluate_joint_ode); with the same seed and ids it uses
-        the same z0 as `nelbo_bpd`."""
-        return evaluate_joint_ode(self.model, self._check(images), ids, batch_size, probes, seed=seed, rtol=rtol,
-                                  atol=atol, progress=progress)
+                    seed: int = 0, ids: Tensor | None = None, batch_size: int = 100, progress: bool = False,
+                    probe_kind: str = "rademacher") -> dict:
+        """The bound with the NDM's exact NLL by its probability-flow ODE in place of its NELBO, in bits per
+        image dimension, with NFE and time; with the same seed and ids it uses the same z0 as `nelbo_bpd`."""
+        return evaluate_ode_nll(self.model, check_images(images, self.image_shape), ids, batch_size, probes,
+                                probe_kind, seed, rtol, atol, progress)
+
+
+def load_pipeline(path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> NDMPipeline:
+    """The pipeline of a run or saved model directory of either kind (pixel or latent)."""
+    return NDMPipeline.from_pretrained(path, ema=ema, device=device)

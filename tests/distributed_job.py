@@ -16,7 +16,8 @@ import torch
 from latent_ndm.config import load_config
 from latent_ndm.data.streams import eval_examples, process_group
 from latent_ndm.evaluation.nelbo import evaluate_nelbo
-from latent_ndm.tasks.pixel import load_run, pixel_task
+from latent_ndm.tasks.pixel import pixel_task
+from latent_ndm.tasks.runs import load_run
 from latent_ndm.training.loop import train
 
 TINY_NET = ["channels=8", "channel_mult=[1,2]", "groups=4", "dropout=0.0"]
@@ -27,7 +28,8 @@ def config(shards: str, out_dir: str, name: str, steps: int):
     return load_config("configs/ndm_mnist.yaml", [
         f"name={name}", f"out_dir={out_dir}", f"data.shards={shards}", "data.lanes=2", "data.num_workers=1",
         "train.batch_size=8", f"train.steps={steps}", "train.ckpt_every=3", "train.log_every=1",
-        "train.eval_every=3", "train.eval_examples=40", "train.sample_every=0", "train.warmup_steps=1", *nets])
+        "train.eval_every=3", "train.eval_examples=40", "train.sample_every=0", "train.warmup_steps=1",
+        "eval.final_examples=16", *nets])
 
 
 def run(shards: str, out_dir: str, name: str, steps: int) -> dict:
@@ -47,7 +49,7 @@ def run(shards: str, out_dir: str, name: str, steps: int) -> dict:
     # A whole-test-set evaluation, each process its share, gathered.
     images, ids, _ = eval_examples(cfg.data, "test")
     _, model = load_run(run_dir)
-    result = evaluate_nelbo(model, images, task.objective.codec, 0, 100, 1, 7, ids=ids, distributed=True)
+    result = evaluate_nelbo(model, images, ids, 0, 100, 1, 7, distributed=True)
     report = {"rank": rank, "world": world, "steps": seen, "eval_ids": ids.tolist(), "eval": result}
     (Path(out_dir) / f"{name}_rank{rank}.json").write_text(json.dumps(report))
     return report

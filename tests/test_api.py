@@ -22,7 +22,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, mnist_shards: Path) -> Pat
     nets = [f"model.{n}.{o}" for n in ("denoiser", "transform_net") for o in ("channels=8", "channel_mult=[1,2]",
                                                                              "groups=4")]
     cfg = load_config("configs/ndm_mnist.yaml", [f"out_dir={out}", "name=api", "train.steps=3", "train.batch_size=8",
-                                                 "train.eval_every=0", "train.sample_every=0",
+                                                 "train.eval_every=0", "train.sample_every=0", "eval.final_examples=16",
                                                  f"data.shards={mnist_shards}", *nets])
     train(cfg, pixel_task(cfg))
     from accelerate.state import AcceleratorState
@@ -51,6 +51,7 @@ def test_save_and_load_round_trip_gives_identical_samples(run_dir: Path, tmp_pat
         NDMPipeline.from_pretrained(tmp_path / "empty")
 
 
+@pytest.mark.slow  # an end-to-end command-line run
 def test_cli_sample_evaluate_and_pictures(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["sample", str(run_dir), "--num", "6", "--sampler", "ode_heun", "--steps", "3",
                  "--out", str(tmp_path)]) == 0

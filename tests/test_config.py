@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from latent_ndm.config import ConfigError, LatentRunConfig, RunConfig, VAERunConfig, config_diff, load_config, to_dict
-from latent_ndm.core.codec import PixelCodec
-from latent_ndm.tasks.pixel import NELBOObjective, build_model
+from latent_ndm.nets.build import build_loss
+from latent_ndm.tasks.diffusion import NELBOObjective
+from latent_ndm.tasks.pixel import build_pixel_model
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -55,17 +56,17 @@ def test_bad_yaml_key_names_the_section(tmp_path: Path) -> None:
 def test_paper_scale_configs_build_and_take_one_step(name: str) -> None:
     cfg = load_config(f"configs/{name}.yaml")
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_pixel_model(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params > (100e6 if name.startswith("ndm") else 50e6)
     batch = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    objective = NELBOObjective(PixelCodec(), 3 * 32 * 32)
+    objective = NELBOObjective(build_loss(cfg.model), 3 * 32 * 32)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     nats, _ = objective(model, batch, torch.Generator().manual_seed(0))
     (nats.mean() * objective.loss_scale).backward()
-    before = model.denoiser.net.out_conv.weight.detach().clone()
+    before = model.ndm.denoiser.net.out_conv.weight.detach().clone()
     opt.step()
-    assert torch.isfinite(nats).all() and not torch.equal(before, model.denoiser.net.out_conv.weight)
+    assert torch.isfinite(nats).all() and not torch.equal(before, model.ndm.denoiser.net.out_conv.weight)
 
 
 @pytest.mark.parametrize("vae_name,latent_name,params", [
@@ -75,7 +76,7 @@ def test_paper_scale_configs_build_and_take_one_step(name: str) -> None:
 def test_paper_scale_latent_configs_build_and_step(vae_name: str, latent_name: str, params: float,
                                                    tmp_path: Path) -> None:
     from latent_ndm.core.noise import Noise
-    from latent_ndm.tasks.latent import JointObjective, PreEncodedPriorObjective, build_latent_model
+    from latent_ndm.tasks.latent import build_latent_model
     from vae.config import VAEConfig
     from vae.model import VAE
 
@@ -90,12 +91,12 @@ def test_paper_scale_latent_configs_build_and_step(vae_name: str, latent_name: s
     parts = [model.ndm.denoiser, model.ndm.transform]
     if size <= 32:  # a whole stage-3 step: VAE and prior
         images = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8)
-        objective = JointObjective(3 * size * size, cfg.kl_anneal_steps, cfg.kl_anneal_start)
+        objective = NELBOObjective(build_loss(cfg.model), 3 * size * size, cfg.kl_anneal_steps, cfg.kl_anneal_start)
         nats, _ = objective(model, images, noise)
-        parts += [model.vae.encoder, model.vae.decoder]
+        parts += [model.codec.vae.encoder, model.codec.vae.decoder]
     else:  # 256x256: a 2.6 TFLOP VAE step is too slow for CPU tests; the prior steps on a pre-encoded posterior
-        c, h, w = model.vae.latent_shape(size)
-        objective = PreEncodedPriorObjective(3 * size * size)
+        c, h, w = model.codec.vae.latent_shape(size)
+        objective = NELBOObjective(build_loss(cfg.model), 3 * size * size)
         nats, _ = objective(model, torch.randn(1, 2 * c, h, w), noise)
     (nats.mean() * objective.loss_scale).backward()
     assert torch.isfinite(nats).all()

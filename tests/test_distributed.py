@@ -47,6 +47,7 @@ def torchrun(*args: str) -> None:
         raise AssertionError(f"torchrun exited with {proc.returncode}:\n{log}")
 
 
+@pytest.mark.slow  # an end-to-end command-line run
 def test_two_processes_match_one_and_resume(tmp_path: Path, mnist_shards: Path) -> None:
     # Two processes: 3 steps (checkpoint at 3), then a second launch resumes to 5.
     torchrun(str(mnist_shards), str(tmp_path), "two", "3")

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from latent_ndm.config import LatentRunConfig, load_config
+from latent_ndm.core.codec import LatentCodec
 from latent_ndm.core.noise import Noise
-from latent_ndm.tasks.latent import LatentCodec, StandardNormalPrior, joint_nelbo, latent_task
+from latent_ndm.tasks.latent import latent_task
 from latent_ndm.training.loop import train
 from vae.config import VAEConfig
 from vae.model import VAE
@@ -19,13 +20,24 @@ from vae.model import VAE
 TINY_VAE = VAEConfig(in_channels=1, channels=8, channel_mult=(1, 2), latent_channels=2, groups=4, num_mixtures=2)
 
 
+def _standard_normal_prior(codec: LatentCodec, images: torch.Tensor, noise: Noise) -> dict[str, torch.Tensor]:
+    """The joint bound's terms with p(z0) = N(0, I) in the NDM's place: the codec's terms of its z0 and
+    'prior' = -log N(z0; 0, I), in nats [B]."""
+    z0, terms = codec.encode(images, noise)
+    nll = 0.5 * (z0.double().square() + math.log(2 * math.pi)).flatten(1).sum(1)
+    return {k: v.double() for k, v in terms.items()} | {"prior": nll}
+
+
 def test_joint_bound_with_a_standard_normal_prior_is_the_vaes_own_nelbo() -> None:
     torch.manual_seed(0)
     vae = VAE(TINY_VAE).eval()
+    codec = LatentCodec(vae)
     images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
     ids = [4, 9, 11]
     with torch.no_grad():
-        terms = joint_nelbo(vae, StandardNormalPrior(), images, Noise.per_example(ids, "cpu", 0, "t"))
+        terms = _standard_normal_prior(codec, images, Noise.per_example(ids, "cpu", 0, "t"))
+        assert set(terms) == {"decoder", "log_q", "prior"}
+        assert all(v.shape == (3,) for v in terms.values())
         # Independently: the same z0 (same keyed draws), the VAE's decoder, log q and log N(z0; 0, I).
         x = VAE.from_uint8(images)
         q = vae.posterior_raw(x)
@@ -37,8 +49,8 @@ def test_joint_bound_with_a_standard_normal_prior_is_the_vaes_own_nelbo() -> Non
         torch.testing.assert_close(sum(terms.values()), (rec + log_q - log_p).double(), rtol=1e-5, atol=1e-3)
         # In expectation over z0, log q - log p is the analytic KL of the VAE's own NELBO.
         n = 4000
-        many = joint_nelbo(vae, StandardNormalPrior(), images.repeat(n, 1, 1, 1),
-                           Noise.from_generator(torch.Generator().manual_seed(1), 3 * n))
+        many = _standard_normal_prior(codec, images.repeat(n, 1, 1, 1),
+                                      Noise.from_generator(torch.Generator().manual_seed(1), 3 * n))
         draws = (many["log_q"] + many["prior"]).view(n, 3)
     se = draws.std(0) / math.sqrt(n)
     assert ((draws.mean(0) - q.kl().double()).abs() < 4 * se + 1e-3).all(), (draws.mean(0), q.kl())
@@ -75,9 +87,9 @@ def test_stage_two_trains_the_prior_and_leaves_the_vae_unchanged(tmp_path: Path,
         "train.eval_every=0", "train.sample_every=40", "train.num_samples=4", "train.sample_steps=5",
         "train.ckpt_every=40", "eval.final_examples=100", *nets], schema=LatentRunConfig)
     task = latent_task(cfg)
-    vae_before = {k: v.clone() for k, v in task.model.vae.state_dict().items()}
+    vae_before = {k: v.clone() for k, v in task.model.codec.vae.state_dict().items()}
     run_dir = train(cfg, task)
-    for k, v in task.model.vae.state_dict().items():
+    for k, v in task.model.codec.vae.state_dict().items():
         assert torch.equal(v, vae_before[k]), k
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     bpd = [r["bpd"] for r in rows if "bpd" in r]
@@ -88,13 +100,14 @@ def test_stage_two_trains_the_prior_and_leaves_the_vae_unchanged(tmp_path: Path,
     assert (run_dir / "samples" / "step_00000040.png").is_file()
 
 
+@pytest.mark.slow  # an end-to-end command-line run
 def test_end_to_end_stages_one_to_three_and_sampling_from_the_command_line(tmp_path: Path,
                                                                           mnist_shards: Path) -> None:
     import numpy as np
     from safetensors.torch import load_file
 
     from latent_ndm.cli import main
-    from latent_ndm.pipeline import LatentNDMPipeline
+    from latent_ndm.pipeline import NDMPipeline
     from latent_ndm.training.checkpoint import latest_checkpoint
 
     small = ["data.num_workers=0", "train.batch_size=8", "train.eval_every=0", "train.sample_every=0",
@@ -110,9 +123,10 @@ def test_end_to_end_stages_one_to_three_and_sampling_from_the_command_line(tmp_p
     two = load_file(latest_checkpoint(tmp_path / "s") / "ema.safetensors")
     three = load_file(latest_checkpoint(tmp_path / "s_joint") / "model.safetensors")
     assert json.loads((tmp_path / "s_joint" / "config.json").read_text())["stage"] == "joint"
-    assert torch.equal(two["vae.encoder.conv_in.weight"], load_file(vae_dir / "model.safetensors")[
+    assert torch.equal(two["codec.vae.encoder.conv_in.weight"], load_file(vae_dir / "model.safetensors")[
         "encoder.conv_in.weight"])  # stage 2 left the VAE alone
-    assert not torch.equal(two["vae.encoder.conv_in.weight"], three["vae.encoder.conv_in.weight"])  # stage 3 moved it
+    assert not torch.equal(two["codec.vae.encoder.conv_in.weight"],
+                           three["codec.vae.encoder.conv_in.weight"])  # stage 3 moved it
     for run in ("v", "s", "s_joint"):
         report = json.loads((tmp_path / run / "test_report.json").read_text())
         assert report.get("nelbo", report)["num_images"] == 40 and math.isfinite(report.get("nelbo", report)["bpd"])
@@ -121,7 +135,8 @@ def test_end_to_end_stages_one_to_three_and_sampling_from_the_command_line(tmp_p
                  "--out", str(tmp_path / "grid")]) == 0
     saved = np.load(tmp_path / "grid" / "ancestral_steps5_seed3.npz")["images"]
     assert (tmp_path / "grid" / "ancestral_steps5_seed3.png").is_file()
-    pipe = LatentNDMPipeline.from_pretrained(tmp_path / "s_joint")
+    pipe = NDMPipeline.from_pretrained(tmp_path / "s_joint")
+    assert pipe.is_latent
     again = pipe.sample(4, "ancestral", 5, torch.Generator().manual_seed(3))
     assert saved.dtype == np.uint8 and saved.shape == (4, 1, 28, 28)
     assert torch.equal(torch.from_numpy(saved), again)

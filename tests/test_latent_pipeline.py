@@ -10,16 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_latent import TINY_VAE
 
 from latent_ndm.cli import main
-from latent_ndm.config import LatentRunConfig, load_config
-from latent_ndm.core.ndm import build_ndm
+from latent_ndm.config import LatentRunConfig, load_config, to_dict
+from latent_ndm.core.codec import LatentCodec
+from latent_ndm.core.model import ImageModel
 from latent_ndm.core.noise import Noise
 from latent_ndm.core.process import bits_per_dim
-from latent_ndm.pipeline import LatentNDMPipeline, NDMPipeline, load_pipeline
-from latent_ndm.tasks.latent import LatentModel, evaluate_joint, evaluate_joint_ode, latent_task
+from latent_ndm.evaluation.nelbo import evaluate_nelbo, evaluate_ode_nll
+from latent_ndm.nets.build import build_ndm
+from latent_ndm.pipeline import NDMPipeline, load_pipeline
+from latent_ndm.tasks.latent import latent_task
 from latent_ndm.training.checkpoint import latest_checkpoint
 from latent_ndm.training.loop import train
 from vae.model import VAE
@@ -54,18 +57,31 @@ def _images(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_run_directory_and_save_load_round_trip(run_dir: Path, tmp_path: Path) -> None:
-    pipe = LatentNDMPipeline.from_pretrained(run_dir)
+    pipe = NDMPipeline.from_pretrained(run_dir)
+    assert pipe.is_latent and isinstance(pipe.codec, LatentCodec) and pipe.model_shape == (2, 14, 14)
     ema = load_file(str(latest_checkpoint(run_dir) / "ema.safetensors"))
     state = pipe.model.state_dict()
     assert ema.keys() == state.keys() and all(torch.equal(ema[k], state[k]) for k in ema)
 
     saved = pipe.save_pretrained(tmp_path / "model")
-    for name in ("config.json", "vae/config.json", "vae/model.safetensors", "prior.safetensors"):
+    for name in ("config.json", "run.json", "ndm/config.json", "ndm/model.safetensors", "vae/config.json",
+                 "vae/model.safetensors"):
         assert (saved / name).is_file(), name
-    again = LatentNDMPipeline.from_pretrained(saved)
-    assert isinstance(load_pipeline(saved), LatentNDMPipeline) and isinstance(load_pipeline(run_dir),
-                                                                              LatentNDMPipeline)
-    for (ka, a), (kb, b) in zip(state.items(), again.model.state_dict().items()):
+    assert json.loads((saved / "config.json").read_text()) == {"class": "NDMPipeline", "codec": "latent",
+                                                               "image_shape": [1, 28, 28]}
+    again = NDMPipeline.from_pretrained(saved)
+    assert again.is_latent and again.config == pipe.config
+    assert all(isinstance(p, NDMPipeline) and p.is_latent for p in (load_pipeline(saved), load_pipeline(run_dir)))
+    for (ka, a), (kb, b) in zip(state.items(), again.model.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(a, b), ka
+    # The format saved before there was one pipeline class (the run config + vae/ + prior.safetensors) loads.
+    old = tmp_path / "old"
+    pipe.codec.vae.save_pretrained(old / "vae")
+    save_file({k: v.contiguous() for k, v in pipe.ndm.state_dict().items()}, str(old / "prior.safetensors"))
+    (old / "config.json").write_text(json.dumps(to_dict(pipe.config)))
+    legacy = load_pipeline(old)
+    assert legacy.is_latent
+    for (ka, a), (kb, b) in zip(state.items(), legacy.model.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(a, b), ka
 
     x1 = pipe.sample(3, "ancestral", 3, torch.Generator().manual_seed(3))
@@ -79,19 +95,17 @@ def test_run_directory_and_save_load_round_trip(run_dir: Path, tmp_path: Path) -
         pipe.nelbo_bpd(torch.zeros(2, 1, 28, 28))
     with pytest.raises(ValueError, match=r"shape \[N, 1, 28, 28\]"):
         pipe.encode(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
-    with pytest.raises(ValueError, match=r"latents must be float \[N, 2, 14, 14\]"):
+    with pytest.raises(ValueError, match=r"model-space data must be float \[N, 2, 14, 14\]"):
         pipe.decode(torch.zeros(2, 2, 7, 7))
     with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
-        LatentNDMPipeline.from_pretrained(tmp_path / "nowhere")
+        NDMPipeline.from_pretrained(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="neither a saved latent model"):
-        LatentNDMPipeline.from_pretrained(tmp_path / "empty")
-    with pytest.raises(ValueError, match="latent model"):
-        NDMPipeline.from_pretrained(saved)
+    with pytest.raises(FileNotFoundError, match="neither a saved model nor a run directory"):
+        NDMPipeline.from_pretrained(tmp_path / "empty")
 
 
 def test_encode_is_the_posterior_mean_and_decode_gives_images(run_dir: Path, vae_dir: Path) -> None:
-    pipe = LatentNDMPipeline.from_pretrained(run_dir)
+    pipe = NDMPipeline.from_pretrained(run_dir)
     images = _images(5, seed=1)
     z = pipe.encode(images)
     with torch.no_grad():
@@ -113,27 +127,28 @@ def test_ode_variant_shares_z0_with_the_nelbo_and_its_prior_term_has_the_closed_
     torch.manual_seed(0)
     cfg = load_config("configs/latent_ndm_mnist.yaml", ["model.transform=identity", "model.mixing=false", *NETS],
                       schema=LatentRunConfig)
-    model = LatentModel(VAE(TINY_VAE), build_ndm(cfg.model, 2, 4)).eval()  # 8x8 images, 2x4x4 latents
+    model = ImageModel(LatentCodec(VAE(TINY_VAE), frozen=True), build_ndm(cfg.model, 2, 4)).eval()  # 2x4x4 latents
     images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     ids = torch.tensor([7, 2, 40])
-    ode = evaluate_joint_ode(model, images, ids, probes=2, seed=5, rtol=1e-3, atol=1e-3)
-    nelbo = evaluate_joint(model, images, ids, seed=5)
+    ode = evaluate_ode_nll(model, images, ids, probes=2, seed=5, rtol=1e-3, atol=1e-3)
+    nelbo = evaluate_nelbo(model, images, ids, seed=5)
     assert ode["decoder_bpd"] == nelbo["decoder_bpd"] and ode["log_q_bpd"] == nelbo["log_q_bpd"]
-    assert ode["bpd"] == pytest.approx(ode["decoder_bpd"] + ode["log_q_bpd"] + ode["prior_nll_bpd"])
+    assert ode["bpd"] == pytest.approx(ode["decoder_bpd"] + ode["log_q_bpd"] + ode["ode_nll_bpd"])
     assert ode["nfe_mean"] > 0 and ode["seconds"] > 0 and ode["num_images"] == 3
     # Independently: z0 is the first draw of each example's keyed noise.
     with torch.no_grad():
-        q = model.vae.posterior(VAE.from_uint8(images))
+        q = model.codec.vae.posterior(VAE.from_uint8(images))
         z0 = (q.mean + q.std * Noise.per_example(ids.tolist(), "cpu", 5, "joint", 0).normal(q.mean)).double()
         alpha_1 = torch.sigmoid(-model.ndm.gamma(torch.ones(1, dtype=torch.float64))).sqrt()
     dims = z0[0].numel()
     nats = 0.5 * (alpha_1 * z0).square().flatten(1).sum(1) + 0.5 * dims * math.log(2 * math.pi) \
         - dims * alpha_1.log()
-    assert ode["prior_nll_bpd"] == pytest.approx(bits_per_dim(nats, 64).mean().item(), rel=2e-4)
+    assert ode["ode_nll_bpd"] == pytest.approx(bits_per_dim(nats, 64).mean().item(), rel=2e-4)
 
 
+@pytest.mark.slow  # an end-to-end command-line run
 def test_cli_sample_and_evaluate_a_latent_model(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    saved = LatentNDMPipeline.from_pretrained(run_dir).save_pretrained(tmp_path / "model")
+    saved = NDMPipeline.from_pretrained(run_dir).save_pretrained(tmp_path / "model")
     assert main(["sample", str(saved), "--num", "5", "--steps", "2", "--batch-size", "3",
                  "--out", str(tmp_path / "s")]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -149,4 +164,4 @@ def test_cli_sample_and_evaluate_a_latent_model(run_dir: Path, tmp_path: Path, c
     nelbo, ode = report["nelbo"]["continuous"], report["ode_nll"]
     assert nelbo["num_images"] == 6 and math.isfinite(nelbo["bpd"]) and "prior_nelbo_bpd" in nelbo
     assert ode["num_images"] == 2 and math.isfinite(ode["bpd"]) and ode["nfe_mean"] > 0 and "seconds" in ode
-    assert {"decoder_bpd", "log_q_bpd", "prior_nll_bpd", "bpd_stderr"} <= ode.keys()
+    assert {"decoder_bpd", "log_q_bpd", "ode_nll_bpd", "bpd_stderr"} <= ode.keys()

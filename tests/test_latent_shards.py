@@ -12,7 +12,8 @@ from latent_ndm.config import ConfigError, LatentRunConfig, load_config
 from latent_ndm.data.latent_shards import open_latent_shards
 from latent_ndm.data.shards import ReadStats, iterate_split, load_manifest, read_split, shard_samples, split_shards
 from latent_ndm.data.streams import train_batches
-from latent_ndm.tasks.latent import build_latent_model, joint_nelbo, latent_task
+from latent_ndm.nets.build import build_loss
+from latent_ndm.tasks.latent import build_latent_model, latent_task
 from latent_ndm.training.loop import train
 from vae.config import VAEConfig
 from vae.model import VAE
@@ -75,7 +76,8 @@ def test_the_stored_posteriors_are_the_vaes_in_the_source_layout(setup: dict, mn
 def test_pre_encoded_batches_give_the_on_the_fly_terms(tmp_path: Path, setup: dict, mnist_shards: Path) -> None:
     cfg = _cfg(tmp_path, setup, mnist_shards)
     model = build_latent_model(cfg).eval()
-    latents = open_latent_shards(cfg.latents, model.vae, (1, 28, 28), mnist_shards)
+    loss = build_loss(cfg.model).eval()  # eval: uniform t, as the model's own loss evaluates
+    latents = open_latent_shards(cfg.latents, model.codec.vae, (1, 28, 28), mnist_shards)
     # The same lane stream over images and over their posteriors: the same examples at the same steps.
     images = train_batches(cfg.data, 8, seed=5, start_step=3)
     params = train_batches(cfg.data, 8, seed=5, start_step=3, shards=latents)
@@ -83,8 +85,9 @@ def test_pre_encoded_batches_give_the_on_the_fly_terms(tmp_path: Path, setup: di
         a, b = next(images), next(params)
         assert torch.equal(a.ids, b.ids) and b.images.dtype == torch.float32 and b.images.shape == (8, 4, 14, 14)
         with torch.no_grad():
-            fly = joint_nelbo(model.vae, model.ndm, a.images, a.noise(5, step, torch.device("cpu")))
-            pre = model(b.images, b.noise(5, step, torch.device("cpu")), pre_encoded=True)
+            fly = model.nelbo_terms(a.images, a.noise(5, step, torch.device("cpu")), loss)
+            pre = model.nelbo_terms(b.images, b.noise(5, step, torch.device("cpu")), loss)
+        assert set(fly) == {"decoder", "log_q", "rec", "diff", "prior"}
         assert set(pre) == set(fly) - {"decoder"}
         for k, v in pre.items():
             torch.testing.assert_close(v, fly[k], rtol=1e-4, atol=1e-3, msg=k)
@@ -94,10 +97,10 @@ def test_stage_two_trains_on_pre_encoded_latents(tmp_path: Path, setup: dict, mn
     cfg = _cfg(tmp_path, setup, mnist_shards, "train.steps=3", "train.batch_size=8", "train.log_every=1",
                "train.eval_every=0", "train.sample_every=0", "train.ckpt_every=3", "eval.final_examples=40")
     task = latent_task(cfg)
-    vae_before = {k: v.clone() for k, v in task.model.vae.state_dict().items()}
+    vae_before = {k: v.clone() for k, v in task.model.codec.vae.state_dict().items()}
     ndm_before = {k: v.clone() for k, v in task.model.ndm.state_dict().items()}
     run_dir = train(cfg, task)
-    assert all(torch.equal(v, vae_before[k]) for k, v in task.model.vae.state_dict().items())
+    assert all(torch.equal(v, vae_before[k]) for k, v in task.model.codec.vae.state_dict().items())
     assert any(not torch.equal(v, ndm_before[k]) for k, v in task.model.ndm.state_dict().items())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all("prior_nelbo_bpd" in r and "log_q_bpd" in r and "bpd" not in r for r in rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -10,12 +11,17 @@ from helpers import perturbed
 
 from latent_ndm.config import ConfigError, LatentRunConfig, load_config
 from latent_ndm.core import process as P
+from latent_ndm.core.codec import LatentCodec
+from latent_ndm.core.loss import NDMLoss
+from latent_ndm.core.model import ImageModel
 from latent_ndm.core.ndm import NDM, Denoiser
 from latent_ndm.core.noise import Noise
 from latent_ndm.core.schedules import CosineGamma, LearnedGamma, LinearGamma
 from latent_ndm.core.transforms import NeuralTransform
+from latent_ndm.nets.build import build_loss, build_ndm
 from latent_ndm.nets.unet import UNet
-from latent_ndm.tasks.latent import JointObjective, LatentModel, joint_nelbo, latent_task
+from latent_ndm.tasks.diffusion import NELBOObjective
+from latent_ndm.tasks.latent import latent_task
 from latent_ndm.training.loop import train
 from vae.config import VAEConfig
 from vae.model import VAE
@@ -49,9 +55,29 @@ def test_mixed_prediction_is_lsgms_eps_mixture() -> None:
         torch.testing.assert_close(mixed(z, t, gamma), alpha * z)
 
 
-def _grads(model: NDM, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, T: int, weight=None) -> dict:
+class _Given(Noise):
+    """Noise whose draws are given: the normals in the order asked for, and the uniforms u."""
+
+    def __init__(self, u: torch.Tensor, *normals: torch.Tensor):
+        super().__init__([], [])
+        self.u, self.normals = u, list(normals)
+
+    def normal(self, like: torch.Tensor) -> torch.Tensor:
+        out = self.normals.pop(0)
+        assert out.shape == like.shape and out.dtype == like.dtype
+        return out
+
+    def uniform(self, device: torch.device) -> torch.Tensor:
+        return self.u
+
+
+def _grads(model: NDM, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, T: int, weighting: str = "elbo",
+           weight=None) -> dict:
+    """L_diff's gradients through the loss (`NDMLoss(theta_weighting=weighting)`) at times t and noise eps."""
     model.zero_grad()
-    diff = model.diffusion_loss(x, t, eps, T)
+    u = t if T == 0 else t - 0.5 / T  # the loss maps u to the grid point ((u T).floor() + 1) / T = t
+    eps_0 = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(9))
+    diff = NDMLoss(theta_weighting=weighting)(model, x, _Given(u, eps_0, eps), T)["diff"]
     (diff if weight is None else diff * weight).sum().backward()
     return {n: p.grad.clone() for n, p in model.named_parameters()}, diff.detach()
 
@@ -64,8 +90,7 @@ def test_eps_mse_weighting_reweights_theta_only(T: int) -> None:
     x, eps = torch.randn(4, 2, 4, 4, dtype=torch.float64), torch.randn(4, 2, 4, 4, dtype=torch.float64)
     t = torch.tensor([0.1, 0.3, 0.6, 0.9] if T == 0 else [0.1, 0.3, 0.6, 1.0], dtype=torch.float64)
     elbo, value = _grads(model, x, t, eps, T)
-    model.theta_weighting = "eps_mse"
-    reweighted, value_rw = _grads(model, x, t, eps, T)
+    reweighted, value_rw = _grads(model, x, t, eps, T, "eps_mse")
     # The weight, independently: (gamma(1) - gamma(0)) / gamma'(t) by central differences, or its discrete
     # analogue (gamma(1) - gamma(0)) / (T (gamma(t) - gamma(t - 1/T))).
     with torch.no_grad():
@@ -75,7 +100,6 @@ def test_eps_mse_weighting_reweights_theta_only(T: int) -> None:
         rate = (g(t + h) - g(t - h)) / (2 * h) if T == 0 else T * (g(t) - g(t - 1 / T))
         r = span / rate
     assert r.max() / r.min() > 1.4  # a learned schedule makes the reweighting non-trivial
-    model.theta_weighting = "elbo"
     expected_theta, _ = _grads(model, x, t, eps, T, weight=r)
     torch.testing.assert_close(value_rw, value)  # the reported loss is still the bound
     for name in elbo:
@@ -90,30 +114,49 @@ def test_eps_mse_weighting_is_the_elbo_for_a_linear_schedule() -> None:
     x, eps = torch.randn(4, 2, 4, 4, dtype=torch.float64), torch.randn(4, 2, 4, 4, dtype=torch.float64)
     t = torch.tensor([0.1, 0.3, 0.6, 0.9], dtype=torch.float64)
     elbo, _ = _grads(model, x, t, eps, 0)
-    model.theta_weighting = "eps_mse"
-    rw, _ = _grads(model, x, t, eps, 0)
+    rw, _ = _grads(model, x, t, eps, 0, "eps_mse")
     assert not torch.allclose(rw["denoiser.net.input_conv.weight"], elbo["denoiser.net.input_conv.weight"])  # cosine
     model.schedule = LinearGamma(-10.0, 5.0)  # gamma' constant: r = 1 at every t
-    model.theta_weighting = "elbo"
     elbo, _ = _grads(model, x, t, eps, 0)
-    model.theta_weighting = "eps_mse"
-    rw, _ = _grads(model, x, t, eps, 0)
+    rw, _ = _grads(model, x, t, eps, 0, "eps_mse")
     for name in elbo:
         torch.testing.assert_close(rw[name], elbo[name], msg=name)
 
 
-def _latent_model(cfg_overrides: list[str], freeze: bool = False) -> LatentModel:
-    from latent_ndm.core.ndm import build_ndm
+def test_eps_mse_weight_averages_one_only_for_the_linear_schedule() -> None:
+    """r = (gamma(1) - gamma(0)) / gamma'(t) (NDMLoss.theta_grad_scale) has E_t[r] = 1 for the linear schedule;
+    for the cosine one, with u(t) = u0 + (u1 - u0) t and gamma' = 2 pi (u1 - u0) / sin(pi u), the closed form
+    E_t[r] = (gamma1 - gamma0)(cos pi u0 - cos pi u1) / (2 pi^2 (u1 - u0)^2): about 2.05 for -13.3..5, not
+    normalised (it rescales theta's step size only). The discrete analogue T (gamma(t) - gamma(s)) gives 1 too."""
+    loss = NDMLoss(theta_weighting="eps_mse")
+    t = (torch.arange(200_000, dtype=torch.float64) + 0.5) / 200_000  # midpoint rule on [0, 1]
+    linear = NDM(LinearGamma(-13.3, 5.0), NeuralTransform(unet()), Denoiser(unet()), "gaussian", 0)
+    torch.testing.assert_close(loss.theta_grad_scale(linear, t, 0), torch.ones_like(t))
+    grid = torch.arange(1, 11, dtype=torch.float64) / 10
+    torch.testing.assert_close(loss.theta_grad_scale(linear, grid, 10), torch.ones_like(grid))
+    cosine = NDM(CosineGamma(-13.3, 5.0), NeuralTransform(unet()), Denoiser(unet()), "gaussian", 0)
+    u0, u1 = cosine.schedule.u0, cosine.schedule.u1
+    expect = 18.3 * (math.cos(math.pi * u0) - math.cos(math.pi * u1)) / (2 * math.pi**2 * (u1 - u0) ** 2)
+    mean = loss.theta_grad_scale(cosine, t, 0).mean().item()
+    assert mean == pytest.approx(expect, rel=1e-8) and 2.0 < mean < 2.1
+    with torch.no_grad():  # no gradient taken: no reweighting at all
+        assert loss.theta_grad_scale(cosine, t[:4], 0) is None
+    assert NDMLoss().theta_grad_scale(cosine, t[:4], 0) is None
 
+
+def _latent_model(cfg_overrides: list[str], freeze: bool = False) -> tuple[ImageModel, NDMLoss]:
+    """The latent model of the config and its training loss (t proposal, theta weighting)."""
     cfg = load_config("configs/latent_ndm_mnist.yaml", NETS + cfg_overrides, schema=LatentRunConfig)
-    model = LatentModel(VAE(TINY_VAE), build_ndm(cfg.model, 2, 4), freeze_vae=freeze)
+    model = ImageModel(LatentCodec(VAE(TINY_VAE), frozen=freeze), build_ndm(cfg.model, 2, 4))
     perturbed(model.ndm, 3, 0.01)  # open F's zero-initialised last layer
-    return model
+    return model, build_loss(cfg.model)
 
 
 def test_kl_annealing_weights_the_vaes_gradient_and_not_the_priors() -> None:
     torch.manual_seed(0)
-    model = _latent_model(["model.mixing=true"]).eval()  # eval: no dropout or adaptive t-proposal between calls
+    model, loss = _latent_model(["model.mixing=true"])
+    model.eval()  # eval: no dropout or adaptive t-proposal between calls
+    loss.eval()
     images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
     noise = lambda: Noise.per_example(range(4), "cpu", 0)  # noqa: E731
     w = 0.3
@@ -123,42 +166,45 @@ def test_kl_annealing_weights_the_vaes_gradient_and_not_the_priors() -> None:
         loss.sum().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    weighted = joint_nelbo(model.vae, model.ndm, images, noise(), kl_weight=w)
-    plain = joint_nelbo(model.vae, model.ndm, images, noise())
+    weighted = model.nelbo_terms(images, noise(), loss, kl_weight=w)
+    plain = model.nelbo_terms(images, noise(), loss)
+    assert set(plain) == {"decoder", "log_q", "rec", "diff", "prior"}
     for k in plain:  # the values are the bound's terms either way
         torch.testing.assert_close(weighted[k], plain[k].detach())
     g_weighted = grads(sum(weighted.values()))
     # Independently: decoder + w (log_q + prior terms) for the VAE; the unweighted NELBO for the prior.
-    terms = joint_nelbo(model.vae, model.ndm, images, noise())
+    terms = model.nelbo_terms(images, noise(), loss)
     g_vae = grads(terms["decoder"] + w * sum(v for k, v in terms.items() if k != "decoder"))
-    g_prior = grads(sum(joint_nelbo(model.vae, model.ndm, images, noise()).values()))
+    g_prior = grads(sum(model.nelbo_terms(images, noise(), loss).values()))
+    assert g_weighted.keys() == g_prior.keys() and any(n.startswith("codec.vae.") for n in g_weighted)
     for name, g in g_weighted.items():
-        want = g_vae[name] if name.startswith("vae.") else g_prior[name]
+        want = g_vae[name] if name.startswith("codec.vae.") else g_prior[name]
         # float32 sums of opposing terms: compare as vectors (a wrong weight errs by O(1) of the norm)
         assert (g - want).norm() <= 1e-3 * want.norm() + 1e-7, (name, (g - want).norm() / want.norm())
-        if name.startswith("vae.encoder"):  # and the weight matters there
+        if name.startswith("codec.vae.encoder"):  # and the weight matters there
             assert (g_prior[name] - want).norm() > 0.05 * want.norm(), name
-    objective = JointObjective(64, kl_anneal_steps=10, kl_anneal_start=0.1)
+    objective = NELBOObjective(NDMLoss(), 64, kl_anneal_steps=10, kl_anneal_start=0.1)
     assert [objective.kl_weight(s) for s in (0, 5, 10, 50)] == pytest.approx([0.1, 0.55, 1.0, 1.0])
 
 
 def test_every_part_gets_gradient_in_stage_three_and_none_reaches_a_frozen_vae() -> None:
     torch.manual_seed(0)
     images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
-    model = _latent_model(["model.mixing=true", "model.theta_weighting=eps_mse"])
-    nats, _ = JointObjective(64)(model, images, Noise.per_example(range(4), "cpu", 0))
+    model, loss = _latent_model(["model.mixing=true", "model.theta_weighting=eps_mse"])
+    assert loss.theta_weighting == "eps_mse"
+    nats, _ = NELBOObjective(loss, 64)(model, images, Noise.per_example(range(4), "cpu", 0))
     nats.mean().backward()
-    parts = {"encoder": model.vae.encoder, "decoder": model.vae.decoder, "theta": model.ndm.denoiser.net,
+    parts = {"encoder": model.codec.vae.encoder, "decoder": model.codec.vae.decoder, "theta": model.ndm.denoiser.net,
              "phi": model.ndm.transform}
     for name, part in parts.items():
         grads = [p.grad for p in part.parameters()]
         assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0, name
     assert model.ndm.denoiser.mixing_logit.grad.abs().min() > 0  # every channel's mixing weight
 
-    frozen = _latent_model(["model.mixing=true"], freeze=True)
-    nats, _ = JointObjective(64)(frozen, images, Noise.per_example(range(4), "cpu", 0))
+    frozen, loss = _latent_model(["model.mixing=true"], freeze=True)
+    nats, _ = NELBOObjective(loss, 64)(frozen, images, Noise.per_example(range(4), "cpu", 0))
     nats.mean().backward()
-    assert all(p.grad is None for p in frozen.vae.parameters())
+    assert all(p.grad is None for p in frozen.codec.vae.parameters())
     assert all(p.grad is not None for p in frozen.ndm.parameters())
 
 
@@ -174,7 +220,8 @@ def test_stage_three_with_a_frozen_vae_leaves_it_unchanged(tmp_path: Path, mnist
     before = {k: v.clone() for k, v in task.model.state_dict().items()}
     train(cfg, task)
     after = task.model.state_dict()
-    assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith("vae."))
+    assert any(k.startswith("codec.vae.") for k in before)
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith("codec.vae."))
     assert not torch.equal(after["ndm.denoiser.mixing_logit"], before["ndm.denoiser.mixing_logit"])
     with pytest.raises(ConfigError, match="KL annealing"):
         load_config("configs/latent_ndm_mnist.yaml", ["stage=joint", "freeze_vae=true", "kl_anneal_steps=5"],

@@ -19,7 +19,7 @@ from latent_ndm.data.sources import ImageData
 from latent_ndm.evaluation import quality as Q
 from latent_ndm.evaluation.classifier import ClassifierConfig, ImageClassifier, train_classifier
 from latent_ndm.pipeline import NDMPipeline
-from latent_ndm.tasks.pixel import build_model
+from latent_ndm.tasks.pixel import build_pixel_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -124,10 +124,11 @@ def tiny_pixel_model(tmp_path: Path, shards: Path, *overrides: str) -> Path:
     cfg = load_config("configs/ndm_mnist.yaml", [f"data.shards={shards}", *nets, *overrides])
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = build_model(cfg)
-    return NDMPipeline(model, cfg).save_pretrained(tmp_path / "model")
+        model = build_pixel_model(cfg)
+    return NDMPipeline(model, (1, 28, 28), cfg).save_pretrained(tmp_path / "model")
 
 
+@pytest.mark.slow  # an end-to-end command-line run
 def test_cli_fd_mnist_report(trained: tuple[Path, dict], mnist_shards: Path, tmp_path: Path,
                              capsys: pytest.CaptureFixture) -> None:
     model = tiny_pixel_model(tmp_path, mnist_shards, "model.num_steps=3")  # discrete: steps > 3 are skipped

@@ -20,8 +20,11 @@ from test_training import losses, tiny
 
 from latent_ndm.cli import main
 from latent_ndm.core.codec import PixelCodec
+from latent_ndm.core.loss import NDMLoss
 from latent_ndm.experiments.crashtest import run as crashtest
-from latent_ndm.tasks.pixel import build_model, load_run, pixel_task
+from latent_ndm.nets.build import build_ndm
+from latent_ndm.tasks.pixel import pixel_task
+from latent_ndm.tasks.runs import build_model, load_run
 from latent_ndm.training import checkpoint as ckpt_mod
 from latent_ndm.training.checkpoint import (
     CheckpointError,
@@ -39,6 +42,7 @@ def weights(run_dir: Path, name: str = "model") -> dict[str, torch.Tensor]:
     return load_file(str(latest_checkpoint(run_dir) / f"{name}.safetensors"))
 
 
+@pytest.mark.slow  # an end-to-end command-line run
 def test_kill_9_at_random_moments_then_resume_matches_an_uninterrupted_run(tmp_path: Path, mnist_shards: Path) -> None:
     s = crashtest(trials=3, steps=10, ckpt_every=1, out=tmp_path, shards=mnist_shards,
                   config="configs/ndm_mnist.yaml", seed=1)
@@ -54,6 +58,9 @@ class _Faulty:
     def __init__(self, objective, nan_loss=(), nan_grad=(), sigterm_at=None):
         self.objective, self.nan_loss, self.nan_grad, self.sigterm_at = objective, nan_loss, nan_grad, sigterm_at
         self.loss_scale = objective.loss_scale
+
+    def __getattr__(self, name):  # end_step, state_dict, load_state_dict: the wrapped objective's
+        return getattr(self.objective, name)
 
     def __call__(self, model, images, noise, step):
         nats, metrics = self.objective(model, images, noise, step)
@@ -189,6 +196,7 @@ def test_a_real_file_size_limit_stops_training_with_a_clear_message(two_checkpoi
     args = [f"name={run.name}", f"out_dir={run.parent}", "train.batch_size=16", f"data.shards={mnist_shards}",
             "data.num_workers=1", "train.lr=2e-3", "train.warmup_steps=5", "train.log_every=1",
             "train.eval_every=0", "train.sample_every=0", "train.steps=4", "train.ckpt_every=1",
+            "eval.final_examples=16",
             *[f"model.{n}.{o}" for n in ("denoiser", "transform_net") for o in ("channels=8", "channel_mult=[1,2]",
                                                                                 "groups=4")]]
     proc = subprocess.run([sys.executable, "-m", "latent_ndm.cli", "train", "configs/ndm_mnist.yaml", *args],
@@ -246,30 +254,31 @@ def test_empty_image_folder_and_bad_python_inputs(tmp_path: Path, capsys: pytest
     assert not (tmp_path / "out" / "manifest.json").exists()
 
     cfg = tiny(tmp_path, "api", shards=tmp_path)
-    ndm = build_model(cfg)
-    good = PixelCodec().encode(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
+    ndm = build_ndm(cfg.model, 1, 28)
+    nelbo = NDMLoss().eval()  # the API's loss: uniform t, the input checks all on
+    good, _ = PixelCodec().encode(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
     with pytest.raises(TypeError, match="expects float data"):
-        ndm.nelbo(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
+        nelbo(ndm, torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r"lie in \[-1, 1\]; got values in \[255, 255\]"):
-        ndm.nelbo(good * 0 + 255.0)
+        nelbo(ndm, good * 0 + 255.0)
     with pytest.raises(ValueError, match=r"UNet expects x of shape \[B, 1, H, W\]"):
-        ndm.nelbo(torch.zeros(2, 3, 28, 28))
+        nelbo(ndm, torch.zeros(2, 3, 28, 28))
     with pytest.raises(ValueError, match="built for 28x28"):
-        ndm.nelbo(torch.zeros(2, 1, 32, 32))
+        nelbo(ndm, torch.zeros(2, 1, 32, 32))
     with pytest.raises(TypeError, match="uint8"):
         PixelCodec().encode(torch.zeros(2, 1, 28, 28))
-    assert torch.isfinite(sum(ndm.nelbo(good, torch.Generator().manual_seed(0)).values())).all()
-    ndm.eval()  # (in training the importance sampler's proposal moves with every call)
+    assert torch.isfinite(sum(nelbo(ndm, good, torch.Generator().manual_seed(0)).values())).all()
     torch.manual_seed(5)
-    a = ndm.nelbo(good)["diff"]  # no generator: torch's global RNG, so manual_seed repeats it
+    a = nelbo(ndm, good)["diff"]  # no generator: torch's global RNG, so manual_seed repeats it
     torch.manual_seed(5)
-    assert torch.equal(a, ndm.nelbo(good)["diff"])
+    assert torch.equal(a, nelbo(ndm, good)["diff"])
 
 
 def test_a_start_that_failed_before_any_checkpoint_does_not_block_the_corrected_one(tmp_path: Path,
                                                                                     mnist_shards: Path) -> None:
     args = ["train", "configs/ndm_mnist.yaml", f"out_dir={tmp_path}", "name=retry", "train.steps=2",
             "train.batch_size=8", "train.log_every=1", "train.eval_every=0", "train.sample_every=0",
+            "eval.final_examples=16",
             *[f"model.{n}.{o}" for n in ("denoiser", "transform_net") for o in ("channels=8", "channel_mult=[1,2]")]]
     assert main([*args, "data.shards=/no/such/shards"]) == 1
     (tmp_path / "retry" / "metrics.jsonl").write_text('{"step": 1, "loss": 99.0}\n{"step": 2, "lo')  # stale rows

@@ -203,15 +203,18 @@ def test_ode_nll_runs_end_to_end_with_a_neural_transform() -> None:
 
 
 def test_transform_picture_is_x_at_t0_and_repeats_x_for_the_identity() -> None:
+    from latent_ndm.core.codec import PixelCodec
+    from latent_ndm.core.model import ImageModel
     from latent_ndm.evaluation.pictures import TIMES, transform_rows
 
     images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    ndm = tiny_ndm()
-    rows, diff, scale = transform_rows(ndm, images)
+    model = ImageModel(PixelCodec(), tiny_ndm())
+    rows, diff, scale = transform_rows(model, images)
     rows = rows.view(3, len(TIMES), 1, 8, 8)
     assert torch.equal(rows[:, 0], images) and scale > 0  # F(x, 0) = x; the perturbed F moves later columns
-    ndm.transform = IdentityTransform()
-    rows, _, scale = transform_rows(ndm, images)
+    assert torch.equal(diff.view(3, len(TIMES), 1, 8, 8)[:, 0], torch.full_like(images, 128))  # mid-grey: 0
+    model.ndm.transform = IdentityTransform()
+    rows, _, scale = transform_rows(model, images)
     assert torch.equal(rows.view(3, len(TIMES), 1, 8, 8), images[:, None].expand(3, len(TIMES), 1, 8, 8))
     assert scale < 1e-11  # no difference at all (the floor of the scale)
 

@@ -119,7 +119,7 @@ def test_straightness_and_velocity_deviation_of_known_paths() -> None:
 
 
 def tiny_toy(hidden: int = 16, dtype=torch.float64, scale: float = 0.3):
-    ndm = build_toy_ndm("neural", hidden=hidden, depth=2, importance_sampling=False)
+    ndm = build_toy_ndm("neural", hidden=hidden, depth=2)
     perturbed(ndm.transform, 1, scale)
     perturbed(ndm.denoiser, 2, scale)
     return ndm.to(dtype).eval()

@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from latent_ndm.config import ConfigError, load_config
-from latent_ndm.tasks.pixel import load_run, pixel_task
-from latent_ndm.training import loop as train_module
+from latent_ndm.tasks.pixel import pixel_task
+from latent_ndm.tasks.runs import load_run
+from latent_ndm.training import guards as train_module
 from latent_ndm.training.checkpoint import checkpoint_dirs, latest_checkpoint
 from latent_ndm.training.loop import train
+from latent_ndm.training.step import lr_factor
 
 TINY_NET = ["channels=8", "channel_mult=[1,2]", "groups=4"]
 
@@ -23,7 +25,8 @@ def tiny(tmp_path: Path, name: str, *extra: str, shards: Path):
     return load_config("configs/ndm_mnist.yaml", [f"name={name}", f"out_dir={tmp_path}", "train.batch_size=16",
                                                   f"data.shards={shards}", "data.num_workers=1",
                                                   "train.lr=2e-3", "train.warmup_steps=5", "train.log_every=1",
-                                                  "train.eval_every=0", "train.sample_every=0", *nets, *extra])
+                                                  "train.eval_every=0", "train.sample_every=0",
+                                                  "eval.final_examples=16", *nets, *extra])
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -43,7 +46,7 @@ def test_loss_falls_on_mnist(tmp_path: Path, mnist_shards: Path) -> None:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("test_bpd" in r for r in rows)
     _, model = load_run(run_dir)  # the saved run loads back
-    assert model.num_steps == 0
+    assert model.ndm.num_steps == 0
 
 
 def test_resume_is_exact(tmp_path: Path, mnist_shards: Path) -> None:
@@ -98,3 +101,39 @@ def test_bf16_autocast_training_runs_and_keeps_float32_weights(tmp_path: Path, m
     assert len(loss) == 4 and all(math.isfinite(v) for v in loss)
     _, model = load_run(run_dir)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # EMA and weights stay fp32
+
+
+def test_gradient_accumulation_equals_the_whole_batch(tmp_path: Path, mnist_shards: Path) -> None:
+    """2 micro-batches of 8 give the step of one batch of 16: the same keyed noise, the same t proposal
+    update, gradients summed; weights and logged losses agree to float round-off (not bitwise: the sums
+    are taken in another order)."""
+    common = ("train.steps=3", "train.ckpt_every=0", "data.lanes=2", "train.ema_decay=0")
+    whole = tiny(tmp_path, "whole", *common, shards=mnist_shards)
+    train(whole, pixel_task(whole))
+    parts = tiny(tmp_path, "parts", *common, "train.grad_accum=2", shards=mnist_shards)
+    train(parts, pixel_task(parts))
+    _, a = load_run(tmp_path / "whole", ema=False)
+    _, b = load_run(tmp_path / "parts", ema=False)
+    changed = 0
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+    init = pixel_task(whole).model  # the same seed: the initial weights
+    changed = sum(not torch.equal(p, q) for p, q in zip(a.parameters(), init.parameters()))
+    assert changed > 0
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "whole")), torch.tensor(losses(tmp_path / "parts")),
+                               rtol=1e-5, atol=0)
+    bad = tiny(tmp_path, "bad", *common, "train.grad_accum=4", shards=mnist_shards)
+    with pytest.raises(ConfigError, match="grad_accum=4 must divide the 2 data lanes"):
+        train(bad, pixel_task(bad))
+
+
+def test_learning_rate_schedules() -> None:
+    warm = [lr_factor(s, 4) for s in range(6)]
+    assert warm == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]  # linear warm-up, then constant
+    cos = [lr_factor(s, 2, "cosine", 10, 0.1) for s in range(12)]
+    assert cos[:2] == [0.5, 1.0] and cos[2] == 1.0 and cos[10] == pytest.approx(0.1) and cos[11] == pytest.approx(0.1)
+    # Half-way through the decay: the mean of the peak and the floor.
+    assert cos[6] == pytest.approx(0.1 + 0.9 * 0.5)
+    assert all(x >= y for x, y in zip(cos[2:], cos[3:]))
+    with pytest.raises(ValueError, match="unknown learning-rate schedule"):
+        lr_factor(5, 2, "linear", 10)

@@ -62,8 +62,12 @@ class DiagonalGaussian:
         return (0.5 * self._logvar).exp()
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        """z = mean + std * eps, eps ~ N(0, I): reparameterised, so gradients reach mean and logvar."""
+        """z = mean + std * eps, eps ~ N(0, I) drawn from `generator`."""
         eps = torch.randn(self._mean.shape, generator=generator, device=self._mean.device, dtype=self._mean.dtype)
+        return self.reparameterize(eps)
+
+    def reparameterize(self, eps: Tensor) -> Tensor:
+        """z = mean + std * eps for given standard normals eps: gradients reach mean and logvar."""
         return self._mean + self.std * eps
 
     def mode(self) -> Tensor:

@@ -183,7 +183,7 @@ class VAE(nn.Module):
         """Per-example NELBO terms in nats (discrete decoder): {'rec': -log p(x|z), 'kl': KL(q||N(0,I))},
         z = mean + std * eps (eps ~ N(0, I) drawn here if not given), plus 'output' and 'z' for losses."""
         posterior = self.posterior_raw(images)
-        z = posterior.mean + posterior.std * (torch.randn_like(posterior.mean) if eps is None else eps)
+        z = posterior.reparameterize(torch.randn_like(posterior.mean) if eps is None else eps)
         output = self.decoder_output(z)
         rec = self.likelihood.nll(output, images) if self.likelihood is not None else images.new_zeros(len(images))
         return {"rec": rec, "kl": posterior.kl(), "output": output, "z": z}

@@ -1,22 +1,25 @@
-"""The NDM module: schedule + transform F + denoiser xhat + data likelihood, and its NELBO.
+"""The NDM module: schedule + transform F + denoiser xhat + data likelihood (docs/MATH.md).
 
-`NDM.nelbo` returns the three per-example terms of SPEC.md's bound in nats, for T discrete steps
-or for continuous time; the training loop, the evaluation and the samplers all go through this
-module, whatever the data (pixels or latents) and whether F is learned or the identity.
+`NDM` is the model and nothing else: given the data and the random draws (times t, noise eps_0 and eps)
+it returns the three per-example NELBO terms in nats, for T discrete steps or for continuous time. How
+the draws are made (their order, the importance proposal for t, the theta-only reweighting) is the
+loss's business (`core/loss.py: NDMLoss`). The samplers use gamma, xhat, F and the ODE drift.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from latent_ndm.config import ModelConfig
 from latent_ndm.core import process as P
-from latent_ndm.core.noise import Noise
-from latent_ndm.core.schedules import Schedule, build_schedule
-from latent_ndm.core.timesteps import ImportanceSampler
-from latent_ndm.core.transforms import IdentityTransform, NeuralTransform, Transform
-from latent_ndm.nets.build import build_net
+from latent_ndm.core.likelihoods import Likelihood, get_likelihood
+from latent_ndm.core.schedules import Schedule
+from latent_ndm.core.transforms import Transform
 
 
 class Denoiser(nn.Module):
@@ -50,46 +53,74 @@ class Denoiser(nn.Module):
         return (1 - a) * (P.expand(alpha, z) * z) + a * xhat
 
 
-THETA_WEIGHTINGS = ("elbo", "eps_mse")
+class Drift(NamedTuple):
+    """The probability-flow ODE drift at (z, t) and the pieces it was made of (samplers reuse them)."""
+
+    drift: Tensor  # dz/dt [B, ...]
+    xhat: Tensor  # the data prediction xhat(z, t)
+    f: Tensor  # F(xhat, t)
+    gamma: Tensor  # gamma(t) [B], float64
+    dgamma: Tensor  # gamma'(t) [B], float64
 
 
 class NDM(nn.Module):
-    """Neural Diffusion Model (Bartosh, Vetrov, Naesseth 2023); F = identity gives DDPM / VDM."""
+    """Neural Diffusion Model (Bartosh, Vetrov, Naesseth 2023); F = identity gives DDPM / VDM.
 
-    def __init__(
-        self,
-        schedule: Schedule,
-        transform: Transform,
-        denoiser: Denoiser,
-        likelihood: str = "discrete8bit",
-        num_steps: int = 0,
-        time_sampler: ImportanceSampler | None = None,
-        data_shape: tuple[int, ...] | None = None,
-        theta_weighting: str = "elbo",
-    ):
+    likelihood: p(x | z_0), 'discrete8bit' (pixels) or 'gaussian' (latents), or a likelihood object.
+    num_steps: T of the discrete-time bound, 0 for continuous time.
+    data_shape: one example's shape [C, H, W] in model space (what samplers draw).
+    """
+
+    CONFIG, WEIGHTS = "config.json", "model.safetensors"
+    config: dict[str, Any] | None = None  # what it was built from (set by nets/build.py), saved with the weights
+
+    def __init__(self, schedule: Schedule, transform: Transform, denoiser: Denoiser,
+                 likelihood: str | Likelihood = "discrete8bit", num_steps: int = 0,
+                 data_shape: tuple[int, ...] | None = None):
         super().__init__()
-        if theta_weighting not in THETA_WEIGHTINGS:
-            raise ValueError(f"theta_weighting must be one of {', '.join(THETA_WEIGHTINGS)}, got {theta_weighting!r}")
-        if likelihood not in ("discrete8bit", "gaussian"):
-            raise ValueError(f"likelihood must be 'discrete8bit' or 'gaussian', got {likelihood!r}")
         if num_steps < 0:
             raise ValueError("num_steps must be 0 (continuous time) or a positive T")
         self.schedule, self.transform, self.denoiser = schedule, transform, denoiser
-        self.likelihood, self.num_steps, self.time_sampler = likelihood, num_steps, time_sampler
-        self.data_shape = data_shape  # one example's shape [C, H, W], for samplers
-        self.theta_weighting = theta_weighting
-
-    def forward(
-        self, x: Tensor, noise: Noise | torch.Generator | None = None, num_steps: int | None = None
-    ) -> dict[str, Tensor]:
-        """The NELBO terms (see `nelbo`); forward so that DDP-wrapped models train through it."""
-        return self.nelbo(x, noise, num_steps)
+        self.likelihood = get_likelihood(likelihood) if isinstance(likelihood, str) else likelihood
+        self.num_steps, self.data_shape = num_steps, data_shape
+        # Runs saved before the loss owned the t proposal stored it under the model: not model state.
+        self._register_load_state_dict_pre_hook(_drop_legacy_proposal)
 
     @property
     def device(self) -> torch.device:
         for tensor in (*self.parameters(), *self.buffers()):
             return tensor.device
         return torch.device("cpu")
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """config.json (the model's own config, class name) + model.safetensors, like `VAE.save_pretrained`."""
+        if self.config is None:
+            raise ValueError("this NDM was not built from a config (latent_ndm.nets.build.build_ndm); save its "
+                             "state_dict instead")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / self.CONFIG).write_text(json.dumps({"class": "NDM", "format": "latent-ndm"} | self.config, indent=2))
+        state = {k: v.detach().contiguous().clone() for k, v in self.state_dict().items()}
+        save_file(state, str(path / self.WEIGHTS), metadata={"format": "latent-ndm"})
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> NDM:
+        from latent_ndm.nets.build import ndm_from_config  # the builder lives above core/: it reads configs
+
+        path = Path(path)
+        if not (path / cls.CONFIG).is_file() or not (path / cls.WEIGHTS).is_file():
+            raise FileNotFoundError(f"{path} is not a saved NDM (expected {cls.CONFIG} and {cls.WEIGHTS})")
+        data = json.loads((path / cls.CONFIG).read_text())
+        if data.get("class") != "NDM":
+            raise ValueError(f"{path / cls.CONFIG} describes a {data.get('class')!r}, not an NDM")
+        ndm = ndm_from_config(data)
+        try:
+            state = load_file(str(path / cls.WEIGHTS))
+        except Exception as e:  # safetensors has its own error types for truncated or corrupt files
+            raise ValueError(f"cannot read {path / cls.WEIGHTS}: {e}") from e
+        ndm.load_state_dict(state)
+        return ndm.to(device).eval()
 
     # -- the pieces the samplers share -------------------------------------------------------
 
@@ -101,14 +132,13 @@ class NDM(nn.Module):
         t = torch.as_tensor(t, dtype=torch.float64, device=z.device).expand(z.shape[0])
         return self.denoiser(z, t, self.gamma(t))
 
-    def ode_drift(self, z: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """(probability-flow drift, xhat, F(xhat, t), gamma(t), gamma'(t)) at z, times t [B];
-        dF/dt by forward-mode AD."""
+    def ode_drift(self, z: Tensor, t: Tensor) -> Drift:
+        """The probability-flow drift at z, times t [B] (docs/MATH.md, section 9); dF/dt by forward mode."""
         t = torch.as_tensor(t, dtype=torch.float64, device=z.device).expand(z.shape[0])
         gamma, dgamma = self.schedule.gamma_and_derivative(t)
         xh = self.denoiser(z, t, gamma)
         f, f_dot = self.transform.value_and_time_derivative(xh, t)
-        return P.ode_drift(f, f_dot, z, gamma, dgamma), xh, f, gamma, dgamma
+        return Drift(P.ode_drift(f, f_dot, z, gamma, dgamma), xh, f, gamma, dgamma)
 
     def transform_many(self, pairs: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
         """F at several (x, t) pairs of equal batch size in one batched network call."""
@@ -118,64 +148,26 @@ class NDM(nn.Module):
         ts = torch.cat([t.to(xs.dtype).expand(x.shape[0]) for x, t in pairs])
         return list(self.transform(xs, ts).chunk(len(pairs)))
 
-    def reconstruction_nll(self, x: Tensor, z_0: Tensor, gamma_0: Tensor) -> Tensor:
-        if self.likelihood == "discrete8bit":
-            return P.reconstruction_nll_discrete(x, z_0, gamma_0)
-        return P.reconstruction_nll_gaussian(x, z_0, gamma_0)
-
     def decode_z0(self, z_0: Tensor) -> Tensor:
         """The most likely x under p(x | z_0): the nearest bin centre of z_0/alpha_0, or its mean."""
         alpha_0, _ = P.alpha_sigma(self.gamma(torch.zeros(z_0.shape[0], dtype=torch.float64, device=z_0.device)))
-        x = z_0 / P.expand(alpha_0, z_0)
-        if self.likelihood == "discrete8bit":
-            return P.bin_centres(x.device, x.dtype)[P.to_bin_index(x.clamp(-1, 1))]
-        return x
+        return self.likelihood.most_likely(z_0, alpha_0)
 
-    # -- the NELBO ----------------------------------------------------------------------------
+    # -- the NELBO terms at given draws (docs/MATH.md, sections 5 and 6) ---------------------------
 
-    def nelbo(
-        self, x: Tensor, noise: Noise | torch.Generator | None = None, num_steps: int | None = None
-    ) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, t: Tensor, eps_0: Tensor, eps: Tensor, num_steps: int | None = None,
+                theta_grad_scale: Tensor | None = None) -> dict[str, Tensor]:
         """Per-example NELBO terms in nats, each [B] float64: {'rec', 'diff', 'prior'}.
 
-        x: data in model space [B, ...] (pixels on the 8-bit bin centres in [-1, 1], or latents).
-        num_steps: T of the discrete-time bound; 0 = continuous time; None = the model's own.
-        L_diff is estimated at one time per example, drawn low-discrepancy across the batch (and,
-        in continuous time while training, from the learned importance proposal).
-        noise: a `Noise` (per-example keyed draws, see latent_ndm.core.noise), or one generator for all.
+        x: data in model space [B, ...]; t [B] float64: the time of the one-sample estimate of L_diff
+        (on the grid i/T for T > 0); eps_0, eps: standard normals like x for z_0 and z_t.
+        num_steps: T of the discrete bound, 0 = continuous time, None = the model's own.
+        theta_grad_scale [B]: scales the gradient that reaches theta alone (see `_denoise_for_loss`).
         """
-        self._check_data(x)
         T = self.num_steps if num_steps is None else num_steps
-        if not isinstance(noise, Noise):
-            noise = Noise.from_generator(noise, x.shape[0], x.device)
-        eps_0 = noise.normal(x)
-        u = noise.uniform(x.device)
-        eps = noise.normal(x)
-        sampler = self.time_sampler if (self.training and self.time_sampler is not None and T == 0) else None
-        if T > 0:
-            t, weight = ((u * T).floor() + 1) / T, torch.ones_like(u)  # t = i/T, i ~ U{1..T}
-        elif sampler is not None:
-            t, weight = sampler.sample(u)
-        else:
-            t, weight = u, torch.ones_like(u)
-        diff = self.diffusion_loss(x, t, eps, T)
-        if sampler is not None:
-            sampler.update(t, diff.detach())
-        return {"rec": self.reconstruction_loss(x, eps_0), "diff": diff * weight, "prior": self.prior_loss(x)}
-
-    def _check_data(self, x: Tensor) -> None:
-        # Catches the usual slips at the API boundary (uint8 pixels, [0, 255] or [0, 1] floats) instead of
-        # returning a plausible-looking but meaningless bound. The range check costs one reduction.
-        if not x.is_floating_point():
-            raise TypeError(f"NDM.nelbo expects float data in model space, got {x.dtype} (encode uint8 pixels "
-                            "with PixelCodec first)")
-        if x.ndim < 2 or x.shape[0] == 0:
-            raise ValueError(f"NDM.nelbo expects a non-empty batch [B, ...], got shape {tuple(x.shape)}")
-        if self.likelihood == "discrete8bit":
-            lo, hi = torch.aminmax(x.detach())
-            if lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
-                raise ValueError(f"pixels in model space lie in [-1, 1]; got values in [{lo.item():.3g}, "
-                                 f"{hi.item():.3g}] (PixelCodec.encode maps uint8 images there)")
+        return {"rec": self.reconstruction_loss(x, eps_0),
+                "diff": self.diffusion_loss(x, t, eps, T, theta_grad_scale),
+                "prior": self.prior_loss(x)}
 
     def reconstruction_loss(self, x: Tensor, eps_0: Tensor) -> Tensor:
         """L_rec = -log p(x | z_0), z_0 = alpha_0 F(x,0) + sigma_0 eps_0, in nats [B].
@@ -183,7 +175,7 @@ class NDM(nn.Module):
         F(x, 0) = x for every transform here (NeuralTransform multiplies NN by t).
         """
         gamma_0 = self.gamma(torch.zeros(x.shape[0], dtype=torch.float64, device=x.device))
-        return self.reconstruction_nll(x, P.marginal_sample(x, gamma_0, eps_0), gamma_0)
+        return self.likelihood.nll(x, P.marginal_sample(x, gamma_0, eps_0), gamma_0)
 
     def prior_loss(self, x: Tensor) -> Tensor:
         """L_prior = KL(q(z_1 | x) || N(0, I)) in closed form, nats [B]."""
@@ -191,7 +183,8 @@ class NDM(nn.Module):
         (f_1,) = self.transform_many([(x, ones)])
         return P.prior_kl(f_1, self.gamma(ones))
 
-    def diffusion_loss(self, x: Tensor, t: Tensor, eps: Tensor, num_steps: int) -> Tensor:
+    def diffusion_loss(self, x: Tensor, t: Tensor, eps: Tensor, num_steps: int,
+                       theta_grad_scale: Tensor | None = None) -> Tensor:
         """Single-time estimate of L_diff in nats [B], at times t [B] (float64) with noise eps.
 
         num_steps = T > 0: T * KL_i with t = i/T, s = (i-1)/T (t must lie on that grid).
@@ -201,53 +194,27 @@ class NDM(nn.Module):
             s = ((t * num_steps).round() - 1) / num_steps
             gamma_t, gamma_s = self.gamma(t), self.gamma(s)
             (f_xt,) = self.transform_many([(x, t)])
-            xh = self._denoise_for_loss(P.marginal_sample(f_xt, gamma_t, eps), t, gamma_t,
-                                        lambda: num_steps * (gamma_t - gamma_s))
+            xh = self._denoise_for_loss(P.marginal_sample(f_xt, gamma_t, eps), t, gamma_t, theta_grad_scale)
             f_xs, f_hs, f_ht = self.transform_many([(x, s), (xh, s), (xh, t)])
             return num_steps * P.diffusion_kl(f_xs - f_hs, f_xt - f_ht, gamma_s, gamma_t)
         gamma_t, dgamma_t = self.schedule.gamma_and_derivative(t)
         f_x, fdot_x = self.transform.value_and_time_derivative(x, t)
-        xh = self._denoise_for_loss(P.marginal_sample(f_x, gamma_t, eps), t, gamma_t, lambda: dgamma_t)
+        xh = self._denoise_for_loss(P.marginal_sample(f_x, gamma_t, eps), t, gamma_t, theta_grad_scale)
         # dF(xhat, t)/dt holds xhat fixed (a partial derivative), yet gradients still reach theta.
         f_h, fdot_h = self.transform.value_and_time_derivative(xh, t)
         return P.diffusion_loss_continuous(f_x - f_h, fdot_x - fdot_h, gamma_t, dgamma_t)
 
-    def _denoise_for_loss(self, z: Tensor, t: Tensor, gamma: Tensor, gamma_rate) -> Tensor:
-        """xhat for the loss. With theta_weighting = 'eps_mse' the gradient that reaches theta is that of
-        the loss reweighted per example by r = (gamma(1) - gamma(0)) / gamma'(t) (its discrete analogue:
-        gamma_rate = T (gamma(t) - gamma(s))), i.e. the likelihood weighting 1/2 gamma' ||eps - eps_hat||^2
-        of F = identity turned into DDPM's unweighted eps-MSE, normalised so that r averages 1 over t for
-        any schedule (r = 1 exactly for the linear one). theta enters the loss only through xhat, so
-        scaling xhat's gradient by r reweights theta; the scale 1/r on z_t's gradient undoes it on every
-        other path through the denoiser (phi via F(x, t), the schedule, a stage-3 encoder), so phi, the
-        schedule and the VAE still follow the true NELBO. Forward values are unchanged: the reported loss
-        stays the bound (SPEC.md: a reweighted loss is allowed for theta only)."""
-        if self.theta_weighting == "elbo" or not torch.is_grad_enabled():
+    def _denoise_for_loss(self, z: Tensor, t: Tensor, gamma: Tensor, grad_scale: Tensor | None) -> Tensor:
+        """xhat for the loss; with grad_scale r [B] the gradient that reaches theta is r times that of the
+        loss, and nothing else changes (docs/MATH.md, section 8). theta enters the loss only through xhat,
+        so xhat's gradient is scaled by r and every input's by 1/r, which undoes it on every other path
+        through the denoiser (phi via F(x, t), the schedule, a stage-3 encoder). Forward values are equal."""
+        if grad_scale is None or not torch.is_grad_enabled():
             return self.denoiser(z, t, gamma)
-        ones = torch.ones_like(t)
-        span = (self.gamma(ones) - self.gamma(torch.zeros_like(t))).detach()
-        r = (span / gamma_rate().detach()).to(z.dtype)
-        # Every input's gradient scaled by 1/r, the output's by r: only theta's own gradient changes.
+        r = grad_scale.to(z.dtype)
         return P.scale_grad(self.denoiser(P.scale_grad(z, 1 / r), t, P.scale_grad(gamma, 1 / r)), r)
 
 
-def build_ndm(cfg: ModelConfig, channels: int, image_size: int) -> NDM:
-    """An NDM from its config: networks (U-Net or DiT) from the registry for the denoiser and for NN inside F."""
-    denoiser = Denoiser(
-        build_net(cfg.denoiser, channels, channels, image_size),
-        cfg.parameterization,
-        mixing_channels=channels if cfg.mixing else 0,
-        mixing_logit_init=cfg.mixing_logit_init,
-    )
-    if cfg.transform == "identity":
-        transform: Transform = IdentityTransform()
-    else:
-        # F must be deterministic: F(x, .) and F(xhat, .) are separate evaluations whose difference is the
-        # loss, and independent dropout masks would add an O(1) term that T/v or SNR/gamma' amplifies.
-        net = build_net(cfg.transform_net, channels, channels, image_size, dropout=0.0)
-        transform = NeuralTransform(net, cfg.fdot)
-    sampler = None
-    if cfg.num_steps == 0 and cfg.importance_sampling:
-        sampler = ImportanceSampler(cfg.is_bins, cfg.is_decay, cfg.is_uniform_mix)
-    return NDM(build_schedule(cfg.schedule), transform, denoiser, cfg.likelihood, cfg.num_steps, sampler,
-               (channels, image_size, image_size), cfg.theta_weighting)
+def _drop_legacy_proposal(state_dict: dict, prefix: str, *args) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "time_sampler.")]:
+        del state_dict[key]

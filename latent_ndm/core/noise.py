@@ -70,6 +70,14 @@ class Noise:
                  for g, n in zip(self.generators, self.sizes)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    def uniform_like(self, like: Tensor) -> Tensor:
+        """U[0, 1) draws shaped like `like` [B, ...], row blocks from their own generators."""
+        if like.shape[0] != self.batch_size:
+            raise ValueError(f"noise for {self.batch_size} rows asked for a batch of {like.shape[0]}")
+        parts = [torch.rand((n, *like.shape[1:]), generator=g, device=like.device, dtype=like.dtype)
+                 for g, n in zip(self.generators, self.sizes)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     def uniform(self, device: torch.device) -> Tensor:
         """[B] float64 uniforms in [0, 1): stratified over the global batch when positions are set."""
         if self.positions is not None:

@@ -1,6 +1,6 @@
 """The NDM process and its NELBO terms as pure tensor functions (no parameters, no configs).
 
-Notation follows SPEC.md / Bartosh et al. (2023): gamma is the log noise-to-signal ratio,
+Notation follows docs/MATH.md and Bartosh et al. (2023): gamma is the log noise-to-signal ratio,
 alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamma). Coefficients are computed in float64 and
 cast to the data's dtype only when they meet the data. Per-example terms are summed over all data
 dimensions and returned in nats, shape [B].
@@ -91,7 +91,7 @@ def posterior_mean(
 def diffusion_kl(d_s: Tensor, d_t: Tensor, gamma_s: Tensor, gamma_t: Tensor) -> Tensor:
     """KL(q(z_s|z_t,x) || p(z_s|z_t)) of one step, in nats, [B].
 
-    SPEC: ||alpha_s d_s - c alpha_t d_t||^2 / (2v), with d_u = F(x,u) - F(xhat,u). Written as
+    docs/MATH.md, section 5.1: ||alpha_s d_s - c alpha_t d_t||^2 / (2v), with d_u = F(x,u) - F(xhat,u). Written as
     alpha_s (d_s - d_t) + alpha_s (1 - SNR_t/SNR_s) d_t: the same vector, because
     c alpha_t = alpha_s SNR_t/SNR_s, but free of the cancellation between two O(1) terms when
     s and t are close (for F = identity the first part is exactly zero).
@@ -107,7 +107,7 @@ def diffusion_kl(d_s: Tensor, d_t: Tensor, gamma_s: Tensor, gamma_t: Tensor) -> 
 def diffusion_loss_continuous(d: Tensor, d_dot: Tensor, gamma: Tensor, dgamma: Tensor) -> Tensor:
     """Continuous-time diffusion loss density at t, in nats, [B] (the integrand over t in [0,1]).
 
-    SPEC: 1/2 exp(-gamma) gamma' || d - d_dot / gamma' ||^2, d = F(x,t) - F(xhat,t) and
+    docs/MATH.md, section 6: 1/2 exp(-gamma) gamma' || d - d_dot / gamma' ||^2, d = F(x,t) - F(xhat,t) and
     d_dot = Fdot(x,t) - Fdot(xhat,t). With F = identity, d_dot = 0 and this is VDM's loss.
     """
     inner = d - expand(1.0 / dgamma, d_dot) * d_dot

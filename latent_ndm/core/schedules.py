@@ -13,8 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from latent_ndm.config import ScheduleConfig
-
 
 class Schedule(nn.Module):
     """gamma(t) in float64; `gamma_and_derivative` adds d gamma / dt by forward-mode AD."""
@@ -94,13 +92,3 @@ class LearnedGamma(Schedule):
         frac = (self._h(t) - ends[0]) / (ends[1] - ends[0])
         g0 = self.gamma_0.double()
         return g0 + F.softplus(self.log_range.double()) * frac
-
-
-def build_schedule(cfg: ScheduleConfig) -> Schedule:
-    if cfg.kind == "linear":
-        return LinearGamma(cfg.gamma_min, cfg.gamma_max)
-    if cfg.kind == "cosine":
-        return CosineGamma(cfg.gamma_min, cfg.gamma_max)
-    if cfg.kind == "learned":
-        return LearnedGamma(cfg.gamma_min, cfg.gamma_max, cfg.learned_hidden)
-    raise ValueError(f"unknown schedule kind {cfg.kind!r}; choose linear, cosine or learned")

@@ -1,0 +1,3 @@
+"""Data: image sources, webdataset shards (images and pre-encoded latents), the keyed training and evaluation
+streams.
+"""

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from latent_ndm.config import DataConfig
+from latent_ndm.config import ConfigError, DataConfig
 from latent_ndm.core.noise import Noise, keyed_generator
 from latent_ndm.data.shards import ReadStats, SplitShards, decode_or_skip, iterate_split, shard_samples, split_shards
 
@@ -59,6 +59,17 @@ class Batch:
     chunk: int  # samples per lane per step
     num_lanes: int
     skipped: int  # unreadable samples / damaged shards skipped while assembling this batch
+
+    def split(self, k: int) -> list[Batch]:
+        """k micro-batches of whole lanes (gradient accumulation). Each keeps its lanes' keyed noise and their
+        places in the global batch, so the k parts draw exactly the noise of the whole batch."""
+        if len(self.lanes) % k:
+            raise ConfigError(f"train.grad_accum={k} must divide the {len(self.lanes)} data lanes of this process: "
+                              f"set data.lanes to a multiple of {k} x the number of processes")
+        n = len(self.lanes) // k
+        return [Batch(self.images[i * n * self.chunk : (i + 1) * n * self.chunk],
+                      self.ids[i * n * self.chunk : (i + 1) * n * self.chunk], self.lanes[i * n : (i + 1) * n],
+                      self.chunk, self.num_lanes, self.skipped if i == 0 else 0) for i in range(k)]
 
     def noise(self, seed: int, step: int, device: torch.device) -> Noise:
         """The step's noise for these examples, keyed by (seed, step, lane): the same whichever process

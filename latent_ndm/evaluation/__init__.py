@@ -1,0 +1,1 @@
+"""Measuring models: test bits/dim (NELBO, ODE NLL), sample quality (FID, FD-MNIST), pictures, distances."""

@@ -143,7 +143,7 @@ def sample_quality(pipe, classifier: ImageClassifier | str | Path | None = None,
                    steps: Sequence[int] = (10, 100, 1000), num_samples: int = 500, sampler: str = "ancestral",
                    seed: int = 0, metrics: Sequence[str] = ("fd_mnist",), inception_weights: str | Path | None = None,
                    batch_size: int = 256, progress: bool = False) -> dict:
-    """Sample quality of a pipeline (NDMPipeline or LatentNDMPipeline) at several numbers of sampling steps.
+    """Sample quality of a pipeline (NDMPipeline, pixel or latent) at several numbers of sampling steps.
 
     For each steps value: `num_samples` images from `sampler` with torch.Generator seeded by `seed`
     (the same start noise for every setting), their distance to all test images of the run's data for
@@ -157,7 +157,7 @@ def sample_quality(pipe, classifier: ImageClassifier | str | Path | None = None,
     unknown = set(metrics) - set(METRICS)
     if unknown or not metrics:
         raise ValueError(f"unknown or no metric(s) {sorted(unknown)}; choose from {', '.join(METRICS)}")
-    device = pipe.prior.device
+    device = pipe.device
     extract: dict[str, Callable[[Tensor], Tensor]] = {}
     report: dict = {"sampler": sampler, "seed": seed, "num_samples": num_samples, "definitions": {}}
     if "fd_mnist" in metrics:
@@ -184,7 +184,7 @@ def sample_quality(pipe, classifier: ImageClassifier | str | Path | None = None,
                            **{f"{m}_train_vs_test": frechet_from_stats(*gaussian_stats(fn(train)), *ref[m])
                               for m, fn in extract.items()}}
     report["steps"] = {}
-    max_steps = pipe.prior.num_steps  # > 0: a discrete model, which samples at most T steps of its own grid
+    max_steps = pipe.ndm.num_steps  # > 0: a discrete model, which samples at most T steps of its own grid
     for n_steps in steps:
         if max_steps and n_steps > max_steps:
             report["steps"][str(n_steps)] = {"skipped": f"the model was trained with T={max_steps}"}

@@ -8,8 +8,8 @@ convolutions, forward and backward), achieved FLOP/s and MFU against the fp32 an
 measured in the same run, peak memory (RSS of a fresh process on CPU, max allocated on GPU); then
 images/s of every sampler at a given number of network evaluations. Variants are timed in interleaved
 rounds, so drifts in machine load hit all of them alike; the figure per variant is the median.
-`--variants baseline,reference` times the baseline beside diffusers' UNet2DModel (the network the issue
-set its MFU goals by) in the baseline's place: the same objective, batch and optimizer, another network.
+`--variants baseline,reference` times the baseline beside diffusers' UNet2DModel (a common reference
+network) in the baseline's place: the same objective, batch and optimizer, another network.
 
 `python -m latent_ndm.experiments.benchmark convs [--config ...] [--out docs/bench/convs]`: the denoiser's convolutions
 alone (forward and backward), fp32 and bf16, NCHW and channels_last, as FLOP/s and share of the matmul
@@ -37,14 +37,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from latent_ndm.config import DataConfig, load_config
-from latent_ndm.core.codec import PixelCodec
 from latent_ndm.core.noise import Noise
 from latent_ndm.data.shards import make_shards
 from latent_ndm.data.streams import train_batches
+from latent_ndm.experiments.benchmark_convs import _sync, conv_rate, conv_shapes, convs, matmul_peak  # noqa: F401 (API)
+from latent_ndm.experiments.benchmark_report import convs_markdown, markdown, write_report
+from latent_ndm.nets.build import build_loss, build_ndm
 from latent_ndm.sampling.samplers import SAMPLERS
-from latent_ndm.tasks.pixel import NELBOObjective, build_model
+from latent_ndm.tasks.diffusion import NELBOObjective
+from latent_ndm.tasks.pixel import build_pixel_model
 from latent_ndm.training import malloc
-from latent_ndm.training.loop import bf16_fast
+from latent_ndm.training.guards import bf16_fast
 
 VARIANTS = {
     "baseline (F = identity, continuous)": ["model.transform=identity", "model.num_steps=0"],
@@ -52,9 +55,9 @@ VARIANTS = {
     "NDM continuous": ["model.transform=neural", "model.num_steps=0"],
 }
 BASELINE = next(iter(VARIANTS))
-# The reference the issue measured its MFU goals on: diffusers' UNet2DModel at 6.47M parameters (288.4 GFLOP
-# per training step at 32x32x3, batch 32), trained here as the baseline's denoiser network, so that only the
-# network differs from the baseline row. diffusers is not a dependency of latent-ndm; only this row needs it.
+# A widely used reference network: diffusers' UNet2DModel at 6.47M parameters, trained here as the baseline's
+# denoiser network, so that only the network differs from the baseline row. diffusers is not a dependency of
+# latent-ndm; only this row needs it.
 REFERENCE = "reference: diffusers UNet2DModel as the baseline's denoiser"
 SHORT_NAMES = dict(zip(("baseline", "discrete", "continuous"), VARIANTS)) | {"reference": REFERENCE}
 
@@ -99,16 +102,16 @@ class Step:
                                    *extra])
         torch.manual_seed(0)
         self.sw, self.device = sw, torch.device(sw.device)
-        self.model = build_model(cfg)
+        self.model = build_pixel_model(cfg)
         if reference:
-            self.model.denoiser.net = DiffusersUNet(cfg.data.channels, cfg.data.image_size)
+            self.model.ndm.denoiser.net = DiffusersUNet(cfg.data.channels, cfg.data.image_size)
         self.model.to(self.device).train()
         fmt = torch.channels_last if sw.channels_last else torch.contiguous_format
         self.model.to(memory_format=fmt)
         if sw.compile:
-            self.model.denoiser.net = torch.compile(self.model.denoiser.net)
+            self.model.ndm.denoiser.net = torch.compile(self.model.ndm.denoiser.net)
         c, s = cfg.data.channels, cfg.data.image_size
-        self.objective = NELBOObjective(PixelCodec(), c * s * s)
+        self.objective = NELBOObjective(build_loss(cfg.model), c * s * s).to(self.device)
         g = torch.Generator().manual_seed(0)
         images = torch.randint(0, 256, (batch_size, c, s, s), dtype=torch.uint8, generator=g)
         self.images = images.to(self.device).contiguous(memory_format=fmt)
@@ -121,6 +124,7 @@ class Step:
             nats, _ = self.objective(self.model, self.images, Noise.from_generator(self.generator, len(self.images),
                                                                                    self.device))
         (nats.mean() * self.objective.loss_scale).backward()
+        self.objective.end_step()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
@@ -137,29 +141,6 @@ class Step:
         with counter:
             self()
         return counter.get_total_flops()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_peak(dtype: torch.dtype, device: str = "cpu", sizes: tuple[int, ...] = (1024, 2048, 3072),
-                reps: int = 4) -> float:
-    """Achieved FLOP/s of square matmuls in `dtype`: the best over sizes and 3 rounds (the practical peak)."""
-    g = torch.Generator().manual_seed(0)
-    best = 0.0
-    for n in sizes:
-        a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
-        a @ b
-        for _ in range(3):
-            _sync(torch.device(device))
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                a @ b
-            _sync(torch.device(device))
-            best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
-    return best
 
 
 def peak_memory(config: str, variant: str, batch_size: int, sw: Switches, steps: int = 2) -> float:
@@ -230,87 +211,6 @@ def speed(config: str, batch_size: int, steps: int, rounds: int, variants: list[
     return out
 
 
-def conv_shapes(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> list[tuple[torch.nn.Conv2d, tuple, int]]:
-    """The distinct convolutions of one forward of `net`: (module, input shape, how many times that
-    module-shape pair runs), found by forward hooks; modules of equal hyper-parameters and input shape are
-    counted as one."""
-    seen: dict[tuple, list] = {}
-
-    def hook(module, inputs, _output):
-        key = (module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-               module.groups, tuple(inputs[0].shape))
-        seen.setdefault(key, [module, tuple(inputs[0].shape), 0])[2] += 1
-
-    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            net(x, t)
-    finally:
-        for h in handles:
-            h.remove()
-    return [tuple(v) for v in seen.values()]
-
-
-def conv_rate(module: torch.nn.Conv2d, shape: tuple, dtype: torch.dtype, channels_last: bool,
-              reps: int = 5) -> tuple[float, int]:
-    """(median seconds, FLOPs) of one convolution forward and backward (input and weight gradients) at `shape`
-    in `dtype` and memory format, on CPU or wherever `module` lives."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    conv = torch.nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
-                           module.padding, groups=module.groups, bias=module.bias is not None)
-    device = module.weight.device
-    conv = conv.to(device, dtype).to(memory_format=fmt)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=g).to(device, dtype).contiguous(memory_format=fmt).requires_grad_()
-    with torch.no_grad():
-        grad = torch.ones_like(conv(x))
-
-    def step() -> None:
-        conv(x).backward(grad)
-        for leaf in (x, *conv.parameters()):  # a None .grad is written, not accumulated into
-            leaf.grad = None
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step()
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), counter.get_total_flops()
-
-
-def convs(config: str, batch_size: int, device: str = "cpu") -> dict:
-    """FLOP/s of the denoiser's convolutions alone, forward and backward, fp32 and bf16 (where this machine
-    has bf16 kernels), NCHW and channels_last, against that dtype's matmul peak measured just before: the
-    convolutions are most of a step's FLOPs, so their rate bounds the step's MFU from above."""
-    cfg = load_config(config, [f"train.batch_size={batch_size}"])
-    torch.manual_seed(0)
-    net = build_model(cfg).to(device).denoiser.net
-    c, s = cfg.data.channels, cfg.data.image_size
-    x, t = torch.zeros(batch_size, c, s, s, device=device), torch.full((batch_size,), 0.5, device=device)
-    found = conv_shapes(net, x, t)
-    dtypes = {"fp32": torch.float32} | ({"bf16": torch.bfloat16} if bf16_fast(device) else {})
-    rows, totals = [], {}
-    for name, dtype in dtypes.items():
-        peak = matmul_peak(dtype, device)
-        for cl in (False, True):
-            seconds = flops = 0.0
-            for module, shape, count in found:
-                sec, fl = conv_rate(module, shape, dtype, cl)
-                seconds, flops = seconds + count * sec, flops + count * fl
-                rows.append({"dtype": name, "channels_last": cl, "conv": f"{module.in_channels}->{module.out_channels} "
-                             f"k{module.kernel_size[0]} s{module.stride[0]}", "input": list(shape), "count": count,
-                             "gflops": fl / sec / 1e9, "of_peak": fl / sec / peak})
-            totals[f"{name} {'channels_last' if cl else 'NCHW'}"] = {
-                "seconds": seconds, "gflop": flops / 1e9, "gflops": flops / seconds / 1e9, "peak_gflops": peak / 1e9,
-                "of_peak": flops / seconds / peak}
-    return {"rows": rows, "totals": totals}
-
-
 def sampling(config: str, batch_size: int, nfe: int, sw: Switches) -> dict[str, dict[str, float]]:
     """Images per second of every sampler at `nfe` network evaluations per sample (untrained weights: the cost
     does not depend on them; ode_rk45 is adaptive and reports the NFE it took), baseline and NDM continuous."""
@@ -318,7 +218,7 @@ def sampling(config: str, batch_size: int, nfe: int, sw: Switches) -> dict[str, 
     for variant in (BASELINE, "NDM continuous"):
         cfg = load_config(config, VARIANTS[variant])
         torch.manual_seed(0)
-        model = build_model(cfg).to(sw.device).eval()
+        model = build_ndm(cfg.model, cfg.data.channels, cfg.data.image_size).to(sw.device).eval()
         shape = (batch_size, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
         for name, fn in SAMPLERS.items():
             steps = nfe // 2 if name == "ode_heun" else nfe  # Heun: 2 drift evaluations per step
@@ -367,63 +267,6 @@ def data(config: str, images: int, batch_size: int = 256) -> dict:
     return result
 
 
-def markdown(report: dict) -> str:
-    """The speed report as markdown tables."""
-    res, peaks = report["results"], report["results"]["_peaks_gflops"]
-    top = res.get("_peaks_gflops_max", peaks)
-    sw = report["switches"]
-    ref = "bf16" if sw["bf16"] else "fp32"
-    lines = [f"config `{report['config']}`, batch {report['batch_size']}, {report['device']}, "
-             f"{report['threads']} threads, switches {sw}, glibc keeps freed memory: "
-             f"{report.get('keep_freed_memory', False)} (mmap threshold {report.get('mmap_threshold', 0)}); "
-             "matmul peak measured in this run (median; max): "
-             f"fp32 {peaks['fp32']:.0f} ({top['fp32']:.0f}) GFLOP/s, bf16 "
-             + (f"{peaks['bf16']:.0f} ({top['bf16']:.0f}) GFLOP/s" if "bf16" in peaks
-                else "not measured (no bf16 kernels)")
-             + f". MFU: median over steps of achieved FLOP/s over the {ref} peak measured just before "
-             "that variant's steps in the same round.", "",
-             "| variant | s/step | images/s | time ratio | FLOP ratio | time/FLOP ratio | GFLOP/step | GFLOP/s "
-             f"| MFU ({ref} peak) | peak memory GiB | params |", "|" + " --- |" * 11]
-    for name, r in res.items():
-        if name.startswith("_"):
-            continue
-        mem = r.get("peak_memory_gib")
-        lines.append(f"| {name} | {r['sec_per_step']:.3f} | {r['images_per_sec']:.1f} | {r['ratio_to_baseline']:.2f} "
-                     f"| {r['flop_ratio_to_baseline']:.2f} | {r['time_ratio_over_flop_ratio']:.2f} "
-                     f"| {r['gflop_per_step']:.1f} | {r['achieved_gflops']:.1f} | {100 * r[f'mfu_vs_{ref}_peak']:.0f}% "
-                     f"| {'-' if mem is None else f'{mem:.2f}'} | {r['params']:,} |")
-    if report.get("sampling"):
-        lines += ["", f"Sampling, batch {report['sample_batch']}, {report['sample_nfe']} network evaluations "
-                  "per sample (Heun: NFE/2 steps; RK45 adaptive):", "",
-                  "| model: sampler | images/s | NFE xhat | NFE F | seconds |", "| --- | --- | --- | --- | --- |"]
-        for name, r in report["sampling"].items():
-            lines.append(f"| {name} | {r['images_per_sec']:.1f} | {r['nfe_xhat']} | {r['nfe_f']} "
-                         f"| {r['seconds']:.2f} |")
-    return "\n".join(lines)
-
-
-def convs_markdown(result: dict, config: str, batch_size: int, device: str) -> str:
-    """The convs report as markdown: totals per dtype and layout, then every distinct convolution."""
-    lines = [f"config `{config}`, batch {batch_size}, {device}, {torch.get_num_threads()} threads: the denoiser's "
-             "convolutions alone, forward and backward (input and weight gradients), each timed apart (median "
-             "of 5)", "", "| dtype, layout | seconds per step (all convs, fwd+bwd) | GFLOP | GFLOP/s "
-             "| matmul peak GFLOP/s | of peak |", "|" + " --- |" * 6]
-    lines += [f"| {k} | {r['seconds']:.3f} | {r['gflop']:.1f} | {r['gflops']:.0f} | {r['peak_gflops']:.0f} "
-              f"| {100 * r['of_peak']:.0f}% |" for k, r in result["totals"].items()]
-    lines += ["", "| dtype | channels_last | conv | input | count | GFLOP/s | of peak |", "|" + " --- |" * 7]
-    lines += [f"| {r['dtype']} | {r['channels_last']} | {r['conv']} | {r['input']} | {r['count']} "
-              f"| {r['gflops']:.0f} | {100 * r['of_peak']:.0f}% |" for r in result["rows"]]
-    return "\n".join(lines)
-
-
-def _write(out: Path | None, report: dict, text: str) -> None:
-    """OUT.json and OUT.md, when --out is given."""
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-        out.with_suffix(".md").write_text(text + "\n")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["speed", "data", "convs"])
@@ -462,7 +305,7 @@ def main() -> None:
         result = convs(args.config, args.batch_size, args.device)
         text = convs_markdown(result, args.config, args.batch_size, args.device)
         print(text)
-        _write(args.out, result, text)
+        write_report(args.out, result, text)
         return
     sw = Switches(args.bf16, args.channels_last, args.compile, args.device)
     report = {"config": args.config, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
@@ -477,7 +320,7 @@ def main() -> None:
     text = markdown(report)
     print(json.dumps(report, indent=2))
     print("\n" + text)
-    _write(args.out, report, text)
+    write_report(args.out, report, text)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def _command(config: str, name: str, out: Path, shards: Path, steps: int, ckpt_e
     overrides = [f"name={name}", f"out_dir={out}", f"data.shards={shards}", "data.num_workers=1",
                  "train.batch_size=16", "train.lr=2e-3", "train.warmup_steps=5", f"train.steps={steps}",
                  f"train.ckpt_every={ckpt_every}", "train.keep_checkpoints=2", "train.log_every=1",
-                 "train.eval_every=0", "train.sample_every=0", *TINY]
+                 "train.eval_every=0", "train.sample_every=0", "eval.final_examples=32", *TINY]
     return [sys.executable, "-m", "latent_ndm.cli", "train", config, *overrides]
 
 

@@ -68,7 +68,7 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
 
     pipe = NDMPipeline.from_pretrained(run_dir)
     # A T = 10 model's F and xhat are trained only at t = i/10: its probability-flow ODE is not its model.
-    ode_images = args.ode_images if pipe.model.num_steps == 0 else 0
+    ode_images = args.ode_images if pipe.ndm.num_steps == 0 else 0
     settings = {"ode_images": ode_images, "fd_samples": args.fd_samples, "eval_T": list(EVAL_T),
                 "classifier": args.classifier if Path(args.classifier).is_dir() else None}
     cache = run_dir / "reproduce_eval.json"
@@ -81,15 +81,16 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
     out: dict = {"settings": settings, "nelbo": {}, "per_image_bpd": {}}
     for T in EVAL_T:
         t0 = time.perf_counter()
-        terms = nelbo_per_example(pipe.model, images, ids, pipe.codec, T, seed=pipe.config.eval.seed)
+        terms = nelbo_per_example(pipe.model, images, ids, T, seed=pipe.config.eval.seed)
         bpd = bits_per_dim(sum(terms.values()), dims)
         out["nelbo"][_t_name(T)] = {"bpd": bpd.mean().item(), "stderr": bpd.std().item() / math.sqrt(len(bpd)),
                                     **{f"{k}_bpd": bits_per_dim(v, dims).mean().item() for k, v in terms.items()},
                                     "seconds": round(time.perf_counter() - t0, 2)}
         out["per_image_bpd"][_t_name(T)] = bpd.tolist()
     if ode_images:
-        ode_images, _, _ = eval_examples(pipe.config.data, "test", ode_images, 0, 1)
-        out["ode_nll"] = pipe.ode_nll_bpd(ode_images, seed=pipe.config.eval.seed, progress=True)
+        ode_images = eval_examples(pipe.config.data, "test", ode_images, 0, 1)
+        ode_images, ode_ids, _ = ode_images
+        out["ode_nll"] = pipe.ode_nll_bpd(ode_images, seed=pipe.config.eval.seed, ids=ode_ids, progress=True)
     if settings["classifier"] and args.fd_samples:
         from latent_ndm.evaluation.quality import sample_quality
 

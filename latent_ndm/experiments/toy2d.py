@@ -24,16 +24,18 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from latent_ndm.core.loss import NDMLoss
 from latent_ndm.core.ndm import NDM, Denoiser
 from latent_ndm.core.noise import Noise, keyed_generator
 from latent_ndm.core.schedules import LinearGamma
 from latent_ndm.core.timesteps import ImportanceSampler
 from latent_ndm.core.transforms import IdentityTransform, NeuralTransform
 from latent_ndm.evaluation.distances import energy_distance, sliced_wasserstein
-from latent_ndm.nets.unet import sinusoidal_time_embedding, timestep_frequencies
+from latent_ndm.nets.layers import sinusoidal_time_embedding, timestep_frequencies
 from latent_ndm.sampling.paths import curvature_penalty, ode_paths, straightness, velocity_deviation
 from latent_ndm.sampling.samplers import ode_euler
-from latent_ndm.training.loop import EMA
+from latent_ndm.training.ema import EMA
+from latent_ndm.training.step import lr_factor, train_step
 
 # -- data: each [n, 2] float32, mean 0 and unit variance per coordinate (exactly, in distribution) ----
 
@@ -127,7 +129,7 @@ ALL_MODELS = (*MODELS, "baseline_straight", "ndm_straight_phi")
 
 
 def build_toy_ndm(transform: str = "neural", hidden: int = 128, depth: int = 3, gamma_min: float = -10.0,
-                  gamma_max: float = 10.0, importance_sampling: bool = True, dim: int = 2, seed: int = 0) -> NDM:
+                  gamma_max: float = 10.0, dim: int = 2, seed: int = 0) -> NDM:
     """A continuous-time NDM for points in R^dim (Gaussian p(x | z_0)), F = x + t NN(x, t) ('neural') or
     F = x ('identity'). The denoiser is built first from `seed`, so both choices get the same initial one."""
     if transform not in ("neural", "identity"):
@@ -136,66 +138,79 @@ def build_toy_ndm(transform: str = "neural", hidden: int = 128, depth: int = 3, 
         torch.manual_seed(seed)
         denoiser = Denoiser(TimeMLP(dim, hidden, depth), "eps")
         f = NeuralTransform(TimeMLP(dim, hidden, depth)) if transform == "neural" else IdentityTransform()
-    sampler = ImportanceSampler() if importance_sampling else None
-    return NDM(LinearGamma(gamma_min, gamma_max), f, denoiser, "gaussian", 0, sampler, (dim,))
+    return NDM(LinearGamma(gamma_min, gamma_max), f, denoiser, "gaussian", 0, (dim,))
 
 
 # -- training --------------------------------------------------------------------------------------------
 
 
+class _ToyObjective(nn.Module):
+    """The 2D training objective as `train_step` runs it: per-example NELBO (nats) plus the curvature penalty.
+
+    With curvature_params='transform' the penalty's gradient is added to phi's .grad here, before the step's
+    backward adds the NELBO's: theta then follows the NELBO alone."""
+
+    def __init__(self, ndm: NDM, loss: NDMLoss, curvature_weight: float, curvature_batch: int,
+                 curvature_params: str, seed: int):
+        super().__init__()
+        self.ndm, self.loss = ndm, loss
+        self.weight, self.batch, self.params, self.seed = curvature_weight, curvature_batch, curvature_params, seed
+        self.loss_scale = 1.0 / math.prod(ndm.data_shape)  # optimise nats per dimension
+
+    def forward(self, x: Tensor, noise: Noise, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        nelbo = sum(self.loss(self.ndm, x, noise).values())  # [B]
+        metrics = {"nelbo": nelbo.detach().mean()}
+        if self.weight > 0:
+            xc = x[: self.batch]
+            g = keyed_generator(x.device, self.seed, "curvature", step)
+            penalty = curvature_penalty(self.ndm, xc, Noise.from_generator(g, len(xc), x.device)).mean()
+            if self.params == "all":
+                nelbo = nelbo + self.weight * penalty
+            else:
+                phi = list(self.ndm.transform.parameters())
+                for p, grad in zip(phi, torch.autograd.grad(self.weight * penalty * self.loss_scale, phi)):
+                    p.grad = grad if p.grad is None else p.grad + grad
+            metrics["curvature"] = penalty.detach()
+        return nelbo, metrics
+
+
 def train_toy(ndm: NDM, dataset: str, steps: int = 2000, batch_size: int = 256, lr: float = 2e-3,
               curvature_weight: float = 0.0, curvature_batch: int = 128, ema_decay: float = 0.999,
               warmup_steps: int = 50, grad_clip: float = 1.0, seed: int = 0, progress: bool = True,
-              curvature_params: str = "all") -> tuple[nn.Module, list[dict[str, float]]]:
+              curvature_params: str = "all", importance_sampling: bool = True
+              ) -> tuple[nn.Module, list[dict[str, float]]]:
     """Train on fresh draws of `dataset` each step; returns (EMA model, per-step log).
 
     Loss = NELBO per dimension + curvature_weight * E||dv/dt||^2 / dim on the first `curvature_batch`
-    points. phi and theta both train on the true NELBO; the penalty is added on top (SPEC.md, Objective
-    pitfall), its gradient reaching every parameter (curvature_params='all') or only phi, the
+    points. phi and theta both train on the true NELBO; the penalty is added on top (docs/MATH.md,
+    section 8), its gradient reaching every parameter (curvature_params='all') or only phi, the
     parameters of F ('transform': the denoiser then follows the NELBO alone).
 
-    Not latent_ndm.training.loop.train: that loop streams webdataset shards, writes image grids and checkpoints
-    through accelerate; here the data are a closed-form sampler and a run takes a minute, so a flat loop
-    reads better. Noise is keyed by (seed, step) as there, and the EMA is the same.
+    The step is the shard-streaming loop's (`training.step.train_step`); the data are a closed-form sampler
+    and a run takes a minute, so there are no shards, checkpoints or processes around it. Noise is keyed by
+    (seed, step) as there, and the EMA is the same.
     """
     if curvature_params not in ("all", "transform"):
         raise ValueError(f"curvature_params must be 'all' or 'transform', got {curvature_params!r}")
-    phi = list(ndm.transform.parameters())
-    if curvature_weight > 0 and curvature_params == "transform" and not phi:
+    if curvature_weight > 0 and curvature_params == "transform" and not list(ndm.transform.parameters()):
         raise ValueError("curvature_params='transform' needs a learned F")
+    loss = NDMLoss(ImportanceSampler() if importance_sampling else None).to(ndm.device)
+    objective = _ToyObjective(ndm, loss, curvature_weight, curvature_batch, curvature_params, seed)
     opt = torch.optim.AdamW(ndm.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps))
     ema = EMA(ndm, ema_decay)
-    dim, device, log = math.prod(ndm.data_shape), ndm.device, []
-    ndm.train()
+    device, log = ndm.device, []
+    objective.train()
     bar = tqdm(range(steps), disable=not progress, desc=f"{dataset} {'+'.join(_describe(ndm, curvature_weight))}",
                dynamic_ncols=True, leave=False)
     for step in bar:
         x = sample_data(dataset, batch_size, keyed_generator("cpu", seed, "data", step)).to(device)
-        terms = ndm.nelbo(x, Noise.from_generator(keyed_generator(device, seed, "nelbo", step), batch_size, device))
-        nelbo = (terms["rec"] + terms["diff"] + terms["prior"]).mean()
-        loss = nelbo / dim
-        row, phi_grads = {"nelbo": nelbo.item()}, None
-        if curvature_weight > 0:
-            xc = x[:curvature_batch]
-            noise = Noise.from_generator(keyed_generator(device, seed, "curvature", step), len(xc), device)
-            penalty = curvature_penalty(ndm, xc, noise).mean()
-            if curvature_params == "all":
-                loss = loss + curvature_weight * penalty / dim
-            else:
-                phi_grads = torch.autograd.grad(curvature_weight * penalty / dim, phi)
-            row["curvature"] = penalty.item()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for p, g in zip(phi, phi_grads or ()):
-            p.grad = g if p.grad is None else p.grad + g
-        nn.utils.clip_grad_norm_(ndm.parameters(), grad_clip)
-        opt.step()
-        sched.step()
-        ema.update(ndm, step)
-        log.append(row)
+        noise = Noise.from_generator(keyed_generator(device, seed, "nelbo", step), batch_size, device)
+        res = train_step(objective, [(x, noise)], step, objective.loss_scale, opt, sched, grad_clip, ema, ndm,
+                         loss.update_proposal)
+        log.append({k: v.item() for k, v in res.metrics.items()})
         if step % 50 == 0:
-            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items()})
+            bar.set_postfix({k: f"{v:.3g}" for k, v in log[-1].items()})
     ndm.eval()
     return ema.model, log
 
@@ -236,7 +251,7 @@ def evaluate_toy(ndm: NDM, test: Tensor, seed: int = 0, n_samples: int | None = 
     out["velocity_deviation"] = velocity_deviation(path, ts).mean().item()
     noise = Noise.from_generator(keyed_generator(ndm.device, seed, "test-nelbo"), len(test), ndm.device)
     with torch.no_grad():
-        out["test_nelbo"] = sum(ndm.nelbo(test, noise).values()).mean().item()
+        out["test_nelbo"] = sum(NDMLoss().eval()(ndm, test, noise).values()).mean().item()
         g = keyed_generator(ndm.device, seed, "test-curvature")
         out["test_curvature"] = curvature_penalty(ndm, test, g).mean().item()
     return out | {"_samples": samples, "_path": path}

@@ -19,7 +19,7 @@ from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
-from latent_ndm.nets.unet import sinusoidal_time_embedding, timestep_frequencies
+from latent_ndm.nets.layers import sinusoidal_time_embedding, timestep_frequencies, zero_init
 
 __all__ = ["DiT", "DIT_SIZES", "build_dit"]
 
@@ -62,11 +62,6 @@ def _sincos_2d(dim: int, grid: int) -> Tensor:
     return torch.cat(parts, dim=1).float()
 
 
-def _zero(module: nn.Module) -> nn.Module:
-    """Zero a module's parameters in place and return it."""
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
 
 
 class DiTBlock(nn.Module):
@@ -80,7 +75,7 @@ class DiTBlock(nn.Module):
         # same module may be NN inside F, whose dF/dt is a JVP. (timm reads TIMM_FUSED_ATTN at build time.)
         self.attn.fused_attn = False
         self.mlp = Mlp(hidden, int(hidden * mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"), drop=dropout)
-        self.ada = _zero(nn.Linear(hidden, 6 * hidden))
+        self.ada = zero_init(nn.Linear(hidden, 6 * hidden))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         """Apply the block to tokens x [B, N, D] conditioned on c = SiLU(time embedding) [B, D]."""
@@ -135,11 +130,11 @@ class DiT(nn.Module):
             nn.init.normal_(self.time_mlp[i].weight, std=0.02)
         # adaLN-Zero: every block's modulation starts at zero, so each block is the identity at init.
         for block in self.blocks:
-            _zero(block.ada)
-        _zero(self.final_ada)
+            zero_init(block.ada)
+        zero_init(self.final_ada)
         if zero_init_out:
             # Zero output at init: F(x,t) = x + t*NN starts as the identity and the denoiser at 0.
-            _zero(self.final)
+            zero_init(self.final)
 
     def time_embedding(self, t: Tensor) -> Tensor:
         """Sinusoidal embedding of 1000*t, shape [B, 256] (the U-Net's convention, so t in [0,1] works)."""

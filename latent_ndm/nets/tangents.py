@@ -64,8 +64,7 @@ class _SiluDual(torch.autograd.Function):
         grad_value = grad_tangent = None
         if g_tan is not None:
             # silu''(v) = s (1 - s) (2 + v (1 - 2 s)), in place on one temporary (x (1 - s) = x - x s): on CPU a
-            # fresh activation-sized tensor costs more than its arithmetic (page faults), so the pair's forward
-            # and backward at [32, 128, 32, 32] went from 33 to 20 ms with two temporaries.
+            # fresh activation-sized tensor costs more than its arithmetic (page faults).
             d2 = torch.mul(s, -2).add_(1).mul_(value).add_(2).mul_(s)
             d2.addcmul_(d2, s, value=-1)
             grad_value = d2.mul_(tangent).mul_(g_tan)

@@ -9,16 +9,15 @@ Normalisation runs in at least float32 so bf16 autocast keeps primal and tangent
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
 from latent_ndm.nets import tangents as D
+from latent_ndm.nets.layers import GroupNorm32, sinusoidal_time_embedding, timestep_frequencies, zero_init
 from latent_ndm.nets.tangents import Dual
 
 __all__ = ["UNet", "UNET_SIZES", "build_unet"]
@@ -29,8 +28,8 @@ UNET_SIZES: dict[str, dict[str, Any]] = {
     # attn_resolutions for the requested image size, so "tiny" works at 8x8 and 16x16 alike.
     "tiny": dict(channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_levels=(-1,), groups=8),
     # 8 groups keep 4 channels per group at the first level; 32 groups would be instance norm there.
-    # The CPU MNIST preset: no attention and 16 channels keep an NDM step (denoiser plus two JVPs of F)
-    # around a second at batch 32 on 2 cores.
+    # The CPU MNIST preset: no attention and 16 channels keep an NDM step (denoiser plus two tangent passes
+    # of F) cheap on a 2-core CPU.
     "mnist": dict(channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), groups=8),
     "small": dict(channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,), groups=8),
     "base": dict(channels=64, channel_mult=(1, 2, 2), num_res_blocks=2),
@@ -39,41 +38,6 @@ UNET_SIZES: dict[str, dict[str, Any]] = {
         channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,), dropout=0.1
     ),
 }
-
-
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm evaluated in at least float32 and cast back to the input dtype."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not _forward_ad(x):
-            # The CPU kernel takes a half-precision x with float32 affine parameters and accumulates the
-            # statistics in float32 itself: the round trip below at a quarter of its cost (two fewer
-            # passes over the activation, a third of a bf16 step's non-convolution time). Its forward-mode
-            # rule would return a float32 tangent, hence the round trip under jvp.
-            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        # bf16 statistics are too coarse, and under CPU autocast a plain GroupNorm left a bf16 primal
-        # with an fp32 tangent that the next conv rejected; an explicit round trip keeps both in x.dtype.
-        # promote_types keeps float64 models in float64 (gradient checks).
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        weight = None if self.weight is None else self.weight.to(dtype)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return F.group_norm(x.to(dtype), self.num_groups, weight, bias, self.eps).to(x.dtype)
-
-
-def _forward_ad(x: Tensor) -> bool:
-    """Whether x carries a forward-mode tangent (torch.func.jvp or torch.autograd.forward_ad)."""
-    if torch.compiler.is_compiling():
-        # dynamo cannot trace the functorch query (a graph break at every GroupNorm, and a bf16 compile
-        # that failed in inductor); only the denoiser is ever compiled, never under forward-mode AD.
-        return False
-    return torch._C._functorch.is_functorch_wrapped_tensor(x) or forward_ad.unpack_dual(x).tangent is not None
-
-
-def _zero(module: nn.Module) -> nn.Module:
-    """Zero a module's parameters in place and return it."""
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
 
 
 class ResBlock(nn.Module):
@@ -87,7 +51,7 @@ class ResBlock(nn.Module):
         self.norm2 = GroupNorm32(groups, out_ch)
         self.dropout = nn.Dropout(dropout)
         # Zero init makes every block start as its skip path, which stabilises deep U-Nets.
-        self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
@@ -122,7 +86,7 @@ class AttentionBlock(nn.Module):
         self.num_heads = num_heads
         self.norm = GroupNorm32(groups, ch)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.proj = _zero(nn.Conv2d(ch, ch, 1))
+        self.proj = zero_init(nn.Conv2d(ch, ch, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         """Attend over all H*W positions of x."""
@@ -270,7 +234,7 @@ class UNet(nn.Module):
         self.out_conv = nn.Conv2d(ch, out_channels, 3, padding=1)
         if zero_init_out:
             # Zero output at init: F(x,t) = x + t*NN starts as the identity and the denoiser at 0.
-            _zero(self.out_conv)
+            zero_init(self.out_conv)
 
     def time_embedding(self, t: Tensor) -> Tensor:
         """Sinusoidal embedding of 1000*t, shape [B, 2*(channels//2)]."""
@@ -385,21 +349,6 @@ def _validate(
         raise ValueError(f"num_heads={num_heads} must divide the attention channel counts {sorted(attn_chs)}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
-
-
-def timestep_frequencies(dim: int) -> Tensor:
-    """The dim // 2 frequencies of a sinusoidal embedding of width dim (float32, for a buffer)."""
-    half = dim // 2
-    return torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32) / half)
-
-
-def sinusoidal_time_embedding(t: Tensor, freqs: Tensor, dtype: torch.dtype) -> Tensor:
-    """[cos, sin] of 1000 t times freqs, [B, 2 len(freqs)], in `dtype` (the U-Net's and the DiT's)."""
-    # Scaling by 1000 puts continuous t in [0,1] on the frequency range tuned for DDPM's 1000 steps.
-    work = torch.promote_types(t.dtype, torch.float32)  # float64 t keeps a smooth float64 embedding
-    args = (1000.0 * t.to(work))[:, None] * freqs.to(work)
-    # Cast to the MLP's dtype so a float64 model (gradient checks) gets float64 embeddings.
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(dtype)
 
 
 def build_unet(size: str, in_channels: int, out_channels: int, image_size: int, **overrides: Any) -> UNet:

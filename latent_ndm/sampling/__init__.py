@@ -1,0 +1,1 @@
+"""Samplers with one signature, the ODE solvers, the exact NLL by the probability-flow ODE, path diagnostics."""

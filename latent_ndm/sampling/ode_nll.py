@@ -8,11 +8,9 @@ example (Rademacher by default): E[eps^T (df/dz) eps] = tr(df/dz), with eps^T df
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from latent_ndm.core import process as P
 from latent_ndm.core.ndm import NDM
@@ -58,6 +56,7 @@ def ode_nll(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     probe_vectors: Tensor | None = None,
+    dequantize_uniforms: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """-log p(x) in nats per example [B] (float64), and {'nfe', 'steps'} of the solve.
 
@@ -67,15 +66,18 @@ def ode_nll(
     (latents) are not dequantised: the result is their density.
     z_0 = alpha_0 x (its sigma_0 noise, ~1e-3 here, is neglected as in VDM and score-SDE likelihoods).
     probe_vectors: Hutchinson probes [K, B, ...] to use instead of drawing `probes` of `probe_kind`
-    from `generator` (e.g. keyed per example).
+    from `generator` (e.g. keyed per example); dequantize_uniforms: U[0, 1) like x for the dequantisation,
+    instead of draws from `generator`.
     """
     was_training = ndm.training
     ndm.eval()
-    dequantize = ndm.likelihood == "discrete8bit" if dequantize is None else dequantize
+    dequantize = ndm.likelihood.dequantize if dequantize is None else dequantize
     b, device = x.shape[0], x.device
     x = x.to(torch.float32)
     if dequantize:
-        x = x + (torch.rand(x.shape, generator=generator, device=device) - 0.5) * (2 / 256)
+        u = torch.rand(x.shape, generator=generator, device=device) if dequantize_uniforms is None \
+            else dequantize_uniforms.to(device, x.dtype)
+        x = x + (u - 0.5) * (2 / 256)
     zeros = torch.zeros(b, dtype=torch.float64, device=device)
     alpha_0, _ = P.alpha_sigma(ndm.gamma(zeros))
     z0 = P.expand(alpha_0, x) * x
@@ -105,38 +107,3 @@ def ode_nll(
 def nll_bits_per_dim(nats: Tensor, dims: int, dequantized: bool) -> Tensor:
     """Bits/dim; for dequantised 8-bit data on [-1, 1] add log2(256/2) = 7 bits for the 0..255 scale."""
     return P.bits_per_dim(nats, dims) + (7.0 if dequantized else 0.0)
-
-
-def evaluate_ode_nll(
-    ndm: NDM,
-    images: Tensor,
-    codec,
-    batch_size: int = 100,
-    probes: int = 1,
-    seed: int = 1234,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    progress: bool = False,
-) -> dict[str, float]:
-    """ODE NLL in bits/dim over uint8 `images`: mean, standard error, NFE per batch and seconds per image.
-
-    For 8-bit pixel codecs; a latent model's bits/dim of the images is `latent.evaluate_joint_ode`.
-    """
-    if codec.likelihood != "discrete8bit":
-        raise ValueError("evaluate_ode_nll is for pixel models; a latent model's ODE bound is "
-                         "latent_ndm.tasks.latent.evaluate_joint_ode (bits per image dimension)")
-    device = ndm.device
-    generator = torch.Generator(device).manual_seed(seed)
-    bpd, nfes = [], []
-    t0 = time.perf_counter()
-    for start in tqdm(range(0, len(images), batch_size), desc="ode nll", disable=not progress, leave=False):
-        x = codec.encode(images[start : start + batch_size].to(device))
-        # 8-bit data are dequantised whatever p(x|z_0) the model was trained with.
-        nats, info = ode_nll(ndm, x, generator, probes, dequantize=True, rtol=rtol, atol=atol)
-        bpd.append(nll_bits_per_dim(nats, x[0].numel(), dequantized=True).cpu())
-        nfes.append(info["nfe"])
-    seconds = time.perf_counter() - t0
-    all_bpd = torch.cat(bpd)
-    return {"bpd": all_bpd.mean().item(), "bpd_stderr": all_bpd.std().item() / math.sqrt(len(all_bpd)),
-            "nfe_mean": sum(nfes) / len(nfes), "seconds": seconds, "seconds_per_image": seconds / len(images),
-            "num_images": len(images), "probes": probes, "rtol": rtol, "atol": atol}

@@ -1,6 +1,6 @@
 """Probability-flow ODE paths: how much they bend, and a penalty that straightens them.
 
-The generative ODE dz/dt = v(z, t) (`NDM.ode_drift`, SPEC.md) is solved from t = 1 to 0. A path that
+The generative ODE dz/dt = v(z, t) (`NDM.ode_drift`, docs/MATH.md section 9) is solved from t = 1 to 0. A path that
 is a straight line walked at constant speed is integrated exactly by one Euler step, so the total
 time derivative of the drift along the path,
 

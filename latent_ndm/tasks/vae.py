@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from latent_ndm.config import VAERunConfig
-from latent_ndm.core.codec import PixelCodec
+from latent_ndm.core.codec import pixels_to_model
 from latent_ndm.core.noise import Noise
 from latent_ndm.data.streams import cached_eval_examples, eval_examples, train_batches
 from latent_ndm.evaluation.nelbo import gather_examples
@@ -52,7 +52,7 @@ class VAETrainer(nn.Module):
 
     def forward(self, x: Tensor, noise: Noise) -> dict[str, Tensor]:
         posterior = self.vae.posterior_raw(x)
-        z = posterior.mean + posterior.std * noise.normal(posterior.mean)
+        z = posterior.reparameterize(noise.normal(posterior.mean))
         output = self.vae.decoder_output(z)
         lik = self.vae.likelihood
         # The discrete decoder's exact mean costs 256 evaluations per pixel: monitor with the cheap estimate.
@@ -77,7 +77,7 @@ class VAEObjective:
     """Per-example loss of a batch of uint8 images (nats for the discrete decoder) and its metrics."""
 
     def __init__(self, cfg: VAERunConfig, lpips: nn.Module | None):
-        self.cfg, self.lpips, self.codec = cfg, lpips, PixelCodec()
+        self.cfg, self.lpips = cfg, lpips
         self.dims = cfg.data.channels * cfg.data.image_size**2
         self.latent_dims = cfg.vae.latent_channels * (cfg.data.image_size // cfg.vae.factor) ** 2
         self.discrete = cfg.vae.decoder == "discrete"
@@ -89,7 +89,7 @@ class VAEObjective:
         return lc.kl_weight * (min(1.0, step / lc.kl_warmup_steps) if lc.kl_warmup_steps > 0 else 1.0)
 
     def __call__(self, model: nn.Module, images: Tensor, noise: Noise, step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        lc, x = self.cfg.loss, self.codec.encode(images)
+        lc, x = self.cfg.loss, pixels_to_model(images)
         out = model(x, noise)
         beta = self.kl_weight(step)
         metrics = {"kl_per_dim": out["kl"].detach().mean() / self.latent_dims,
@@ -129,13 +129,13 @@ def evaluate_vae(vae: VAE, images: Tensor, ids: Tensor, cfg: VAERunConfig, lpips
     reconstruction PSNR of the posterior mean, KL per latent dimension, LPIPS when available."""
     was_training = vae.training
     vae.eval()
-    codec, device = PixelCodec(), vae.latent_shift.device
+    device = vae.latent_shift.device
     terms: dict[str, list[Tensor]] = {"rec": [], "kl": [], "psnr": [], "lpips": []}
     for start in range(0, len(images), batch_size):
-        x = codec.encode(images[start : start + batch_size].to(device))
+        x = pixels_to_model(images[start : start + batch_size].to(device))
         posterior = vae.posterior_raw(x)
         noise = Noise.per_example(ids[start : start + len(x)].tolist(), device, cfg.eval.seed, "vae")
-        z = posterior.mean + posterior.std * noise.normal(posterior.mean)
+        z = posterior.reparameterize(noise.normal(posterior.mean))
         lik = vae.likelihood
         terms["rec"].append((lik.nll(vae.decoder_output(z), x) if lik is not None else x.new_zeros(len(x))).cpu())
         terms["kl"].append(posterior.kl().cpu())
@@ -169,8 +169,6 @@ def vae_task(cfg: VAERunConfig) -> Task:
     model = VAETrainer(vae, cfg.loss)
     objective = VAEObjective(cfg, lpips)
     test_examples = cached_eval_examples(cfg.data, cfg.train.eval_examples)
-    codec = PixelCodec()
-
     def device_lpips(device: torch.device) -> nn.Module | None:
         return lpips.to(device) if lpips is not None else None
 
@@ -184,7 +182,7 @@ def vae_task(cfg: VAERunConfig) -> Task:
     def sample(m: VAETrainer, generator: torch.Generator) -> Tensor:
         """8 evenly spaced test images (top row) over their reconstructions from the posterior mean."""
         images, _, _ = eval_examples(cfg.data, "test", 8, 0, 1)
-        x = codec.encode(images.to(m.vae.latent_shift.device))
+        x = pixels_to_model(images.to(m.vae.latent_shift.device))
         with torch.no_grad():
             recon = m.vae.reconstruction(m.vae.decoder_output(m.vae.posterior_raw(x).mean))
         return torch.cat([images, VAE.to_uint8(recon).cpu()])
@@ -193,7 +191,7 @@ def vae_task(cfg: VAERunConfig) -> Task:
         """Latent statistics from training images, the exported model, and a full test report."""
         vae_out = VAE(cfg.vae).to(m.vae.latent_shift.device)
         vae_out.load_state_dict(m.vae.state_dict())
-        batches = (codec.encode(b.images) for b in train_batches(cfg.data, 256, cfg.train.seed, 0, 0, 1))
+        batches = (pixels_to_model(b.images) for b in train_batches(cfg.data, 256, cfg.train.seed, 0, 0, 1))
         vae_out.fit_latent_stats(batches, max_batches=20)
         vae_out.save_pretrained(run_dir / EXPORT)
         images, ids, skipped = eval_examples(cfg.data, "test", cfg.eval.final_examples, 0, 1)

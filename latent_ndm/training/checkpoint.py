@@ -164,6 +164,15 @@ def run_weights(run_dir: str | Path, ema: bool = True) -> Path:
     return ckpt / ("ema.safetensors" if ema and (ckpt / "ema.safetensors").is_file() else "model.safetensors")
 
 
+def run_state(run_dir: str | Path) -> dict[str, Any]:
+    """The training state (state.pt: step, optimizer, objective, ...) of a run's latest complete checkpoint."""
+    ckpt = run_weights(run_dir).parent
+    try:
+        return torch.load(ckpt / "state.pt", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {ckpt / 'state.pt'}: {e}") from e
+
+
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     """A run directory's saved config.json, as plain data."""
     run_dir = Path(run_dir)

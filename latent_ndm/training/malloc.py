@@ -2,11 +2,10 @@
 
 A training step allocates and frees the same large activations every step. glibc serves allocations above
 its mmap threshold (128 KiB, adapted up to 32 MiB at most) with fresh mmaps and returns freed heap tops to
-the system, so each step faults its activations in again: 42,000-75,000 minor faults per step of the
-CIFAR-size baseline, 92,000-152,000 for NDM continuous (2-core Xeon). Raising the mmap threshold and the
-trim threshold keeps that memory for reuse: 5,000-11,000 faults per step; NDM continuous steps 8-19%
-faster, baseline steps from 1% slower to 7% faster (docs/RESULTS.md, seventh run). The cost is that RSS no
-longer falls after a peak (the peak itself moved by 1-4%).
+the system, so each step faults its activations in again (tens of thousands of minor faults per step of a
+CIFAR-size model). Raising the mmap threshold and the trim threshold keeps that memory for reuse; the
+measured fault counts and step times are in docs/RESULTS.md. The cost is that RSS no longer falls after a
+peak.
 
 The entry points `latent_ndm.cli` and `latent_ndm.experiments.benchmark` call `keep_freed_memory()` once at start. It
 leaves glibc alone with LATENT_NDM_KEEP_FREED_MEMORY=0 (for side-by-side timings), when the user sets one of

@@ -1,0 +1,37 @@
+"""Loading what a training run made: its config (pixel, latent or VAE run) and its model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from latent_ndm.config import LatentRunConfig, RunConfig, from_dict, run_schema
+from latent_ndm.core.model import ImageModel
+from latent_ndm.tasks.latent import build_latent_model
+from latent_ndm.tasks.pixel import build_pixel_model
+from latent_ndm.training.checkpoint import load_weights, read_run_config, run_weights
+
+
+def run_config(run_dir: str | Path) -> RunConfig | LatentRunConfig:
+    """The resolved config a run directory was trained with."""
+    data = read_run_config(run_dir)
+    return from_dict(run_schema(data), data)
+
+
+def build_model(cfg: RunConfig | LatentRunConfig, vae_path: str | Path | None = None) -> ImageModel:
+    """An untrained model of cfg's architecture (a latent model's VAE from `vae_path`, default cfg.vae_path)."""
+    if isinstance(cfg, LatentRunConfig):
+        return build_latent_model(cfg, vae_path)
+    if isinstance(cfg, RunConfig):
+        return build_pixel_model(cfg)
+    raise ValueError(f"{cfg.name} is a {cfg.kind} run, not a diffusion model (load a VAE with VAE.from_pretrained)")
+
+
+def load_run(run_dir: str | Path, ema: bool = True) -> tuple[RunConfig | LatentRunConfig, ImageModel]:
+    """The config and model of a pixel or latent run directory, from its latest complete checkpoint (EMA
+    weights by default). A latent checkpoint holds the VAE's weights too (stage 3 trains them); the VAE's
+    architecture is read from the run's vae_path."""
+    cfg = run_config(run_dir)
+    weights = run_weights(run_dir, ema)
+    model = build_model(cfg)
+    load_weights(model, weights)
+    return cfg, model.eval()

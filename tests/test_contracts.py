@@ -18,6 +18,7 @@ from latent_ndm.config import LatentRunConfig, NetConfig, load_config
 from latent_ndm.core.codec import LatentCodec, PixelCodec, pixels_to_model
 from latent_ndm.core.model import ImageModel
 from latent_ndm.core.noise import Noise
+from latent_ndm.evaluation.pictures import TIMES, trajectory_rows, transform_rows
 from latent_ndm.nets.build import build_ndm, build_net
 from latent_ndm.pipeline import NDMPipeline
 from latent_ndm.tasks.pixel import build_pixel_model
@@ -189,6 +190,12 @@ def test_pipeline_contract(kind: str, tmp_path: Path) -> None:
     # encode/decode speak model space.
     z = pipe.encode(images)
     assert z.shape == (5, *pipe.model_shape) and pipe.decode(z).shape == images.shape
+    # Pictures, through the codec: column 0 is F(x, 0) = x, i.e. the decoded encoding of each image.
+    rows, diff, scale = transform_rows(pipe.model, images[:2])
+    assert rows.shape == (2 * len(TIMES), 1, 8, 8) and diff.shape == rows.shape and scale > 0
+    assert torch.equal(rows.view(2, len(TIMES), 1, 8, 8)[:, 0], pipe.decode(z[:2]))
+    traj = trajectory_rows(pipe.model, 2, 7, 4, generator=torch.Generator().manual_seed(0))
+    assert traj.shape == (8, 1, 8, 8) and traj.dtype == torch.uint8
 
 
 @pytest.mark.parametrize("kind", ["pixel", "latent"])

@@ -47,6 +47,9 @@ def test_loss_falls_on_mnist(tmp_path: Path, mnist_shards: Path) -> None:
     assert any("test_bpd" in r for r in rows)
     _, model = load_run(run_dir)  # the saved run loads back
     assert model.ndm.num_steps == 0
+    report = json.loads((run_dir / "test_report.json").read_text())["nelbo"]  # every run kind writes one
+    assert report["num_images"] == 16 and report["bpd"] == pytest.approx(
+        report["rec_bpd"] + report["diff_bpd"] + report["prior_bpd"], rel=1e-9)
 
 
 def test_resume_is_exact(tmp_path: Path, mnist_shards: Path) -> None:

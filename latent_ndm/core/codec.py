@@ -109,10 +109,12 @@ class LatentCodec(nn.Module):
             posterior = self.vae.posterior(x)  # over normalised latents; x is valid by construction
         eps = noise.normal(posterior.mean) if noise is not None else torch.randn_like(posterior.mean)
         z0 = posterior.reparameterize(eps)
-        terms = {"log_q": posterior.log_prob(z0)}
-        if x is not None:
-            terms = {"decoder": self.vae.likelihood.nll(self.vae.decoder_output(self.vae.denormalize(z0)), x)} | terms
-        return z0, terms
+        if x is None:
+            return z0, {"log_q": posterior.log_prob(z0)}
+        # The decoder's term first: autograd sums z0's gradient contributions in the reverse order of their
+        # creation, and this order keeps stage-3 runs bitwise equal to those of earlier versions.
+        decoder = self.vae.likelihood.nll(self.vae.decoder_output(self.vae.denormalize(z0)), x)
+        return z0, {"decoder": decoder, "log_q": posterior.log_prob(z0)}
 
     def decode(self, z0: Tensor) -> Tensor:
         return self.vae.to_uint8(self.vae.decode(z0))

@@ -58,10 +58,12 @@ class NDMLoss(nn.Module):
             t, weight = self.proposal.sample(u)
         else:
             t, weight = u, torch.ones_like(u)
-        terms = ndm(x, t, eps_0, eps, T, self.theta_grad_scale(ndm, t, T))
+        # The terms one by one (what NDM.forward returns), so that the 1/p(t) weight joins L_diff where the
+        # autograd graph had it in earlier versions: gradients then sum in the same order, bit for bit.
+        diff = ndm.diffusion_loss(x, t, eps, T, self.theta_grad_scale(ndm, t, T))
         if learn_t:
-            self._seen.append((t.detach(), terms["diff"].detach()))
-        return terms | {"diff": terms["diff"] * weight}
+            self._seen.append((t.detach(), diff.detach()))
+        return {"rec": ndm.reconstruction_loss(x, eps_0), "diff": diff * weight, "prior": ndm.prior_loss(x)}
 
     def theta_grad_scale(self, ndm: NDM, t: Tensor, num_steps: int) -> Tensor | None:
         """r [B] of the eps_mse weighting (None for the bound, or when no gradient is taken)."""

@@ -165,9 +165,8 @@ class NDM(nn.Module):
         theta_grad_scale [B]: scales the gradient that reaches theta alone (see `_denoise_for_loss`).
         """
         T = self.num_steps if num_steps is None else num_steps
-        return {"rec": self.reconstruction_loss(x, eps_0),
-                "diff": self.diffusion_loss(x, t, eps, T, theta_grad_scale),
-                "prior": self.prior_loss(x)}
+        diff = self.diffusion_loss(x, t, eps, T, theta_grad_scale)
+        return {"rec": self.reconstruction_loss(x, eps_0), "diff": diff, "prior": self.prior_loss(x)}
 
     def reconstruction_loss(self, x: Tensor, eps_0: Tensor) -> Tensor:
         """L_rec = -log p(x | z_0), z_0 = alpha_0 F(x,0) + sigma_0 eps_0, in nats [B].

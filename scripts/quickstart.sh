@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on the built-in MNIST subset, on a CPU (about 20 minutes on 2 cores):
+# The main job on the built-in MNIST subset, on a CPU (about 9 minutes on 2 cores):
 #   1. the data as webdataset shards (data/mnist5k), once;
 #   2. stage 1: the VAE (configs/vae_mnist.yaml);
 #   3. stage 2: the latent NDM prior on the frozen VAE, then stage 3: a short end-to-end fine-tuning

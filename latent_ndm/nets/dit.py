@@ -19,7 +19,14 @@ from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
-from latent_ndm.nets.layers import sinusoidal_time_embedding, timestep_frequencies, zero_init
+from latent_ndm.nets.layers import (
+    check_dropout,
+    check_input,
+    preset,
+    sinusoidal_time_embedding,
+    timestep_frequencies,
+    zero_init,
+)
 
 __all__ = ["DiT", "DIT_SIZES", "build_dit"]
 
@@ -142,16 +149,7 @@ class DiT(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         """Predict the output for x [B,C,H,W] at times t [B] (a 0-dim t is broadcast over the batch)."""
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"DiT expects x of shape [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"DiT was built for {self.image_size}x{self.image_size} inputs, got {x.shape[-2]}x{x.shape[-1]}"
-            )
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        elif t.shape != (x.shape[0],):
-            raise ValueError(f"t must be 0-dim or of shape [{x.shape[0]}], got {tuple(t.shape)}")
+        t = check_input("DiT", x, t, self.in_channels, self.image_size)
 
         c = F.silu(self.time_mlp(self.time_embedding(t)))  # [B, D]; every adaLN starts with SiLU
         h = self.patch_embed(x) + self.pos_embed.to(x.dtype)  # [B, N, D]
@@ -187,12 +185,9 @@ def _validate(
         raise ValueError(f"DiT depth must be >= 1, got {depth}")
     if mlp_ratio <= 0:
         raise ValueError(f"DiT mlp_ratio must be positive, got {mlp_ratio}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+    check_dropout(dropout)
 
 
 def build_dit(size: str, in_channels: int, out_channels: int, image_size: int, **overrides: Any) -> DiT:
     """Build the DiT preset `size` from DIT_SIZES, with keyword overrides."""
-    if size not in DIT_SIZES:
-        raise ValueError(f"unknown DiT size {size!r}; choose from {sorted(DIT_SIZES)}")
-    return DiT(in_channels, out_channels, image_size, **{**DIT_SIZES[size], **overrides})
+    return DiT(in_channels, out_channels, image_size, **preset(DIT_SIZES, size, "DiT", overrides))

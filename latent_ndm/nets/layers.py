@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -51,6 +52,31 @@ def is_dual(x: Tensor) -> bool:
         # that failed in inductor); only the denoiser is ever compiled, never under forward-mode AD.
         return False
     return torch._C._functorch.is_functorch_wrapped_tensor(x) or forward_ad.unpack_dual(x).tangent is not None
+
+
+def preset(table: dict[str, dict[str, Any]], size: str, what: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of preset `size` of a network's size table, with `overrides` on top."""
+    if size not in table:
+        raise ValueError(f"unknown {what} size {size!r}; choose from {sorted(table)}")
+    return {**table[size], **overrides}
+
+
+def check_input(net: str, x: Tensor, t: Tensor, in_channels: int, image_size: int) -> Tensor:
+    """Clear errors for inputs a network was not built for; returns t as [B] (a 0-dim t is broadcast)."""
+    if x.ndim != 4 or x.shape[1] != in_channels:
+        raise ValueError(f"{net} expects x of shape [B, {in_channels}, H, W], got {tuple(x.shape)}")
+    if x.shape[-2:] != (image_size, image_size):
+        raise ValueError(f"{net} was built for {image_size}x{image_size} inputs, got {x.shape[-2]}x{x.shape[-1]}")
+    if t.ndim == 0:
+        return t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"t must be 0-dim or of shape [{x.shape[0]}], got {tuple(t.shape)}")
+    return t
+
+
+def check_dropout(dropout: float) -> None:
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
 
 
 def zero_init(module: nn.Module) -> nn.Module:

@@ -17,7 +17,15 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from latent_ndm.nets import tangents as D
-from latent_ndm.nets.layers import GroupNorm32, sinusoidal_time_embedding, timestep_frequencies, zero_init
+from latent_ndm.nets.layers import (
+    GroupNorm32,
+    check_dropout,
+    check_input,
+    preset,
+    sinusoidal_time_embedding,
+    timestep_frequencies,
+    zero_init,
+)
 from latent_ndm.nets.tangents import Dual
 
 __all__ = ["UNet", "UNET_SIZES", "build_unet"]
@@ -292,18 +300,7 @@ class UNet(nn.Module):
 
     def _check(self, x: Tensor, t: Tensor) -> Tensor:
         """Validate the inputs; t as [B]."""
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"UNet expects x of shape [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"UNet was built for {self.image_size}x{self.image_size} inputs, got "
-                f"{x.shape[-2]}x{x.shape[-1]}"
-            )
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        elif t.shape != (x.shape[0],):
-            raise ValueError(f"t must be 0-dim or of shape [{x.shape[0]}], got {tuple(t.shape)}")
-        return t
+        return check_input("UNet", x, t, self.in_channels, self.image_size)
 
 
 def _validate(
@@ -347,17 +344,14 @@ def _validate(
     }
     if num_heads < 1 or any(ch % num_heads for ch in attn_chs):
         raise ValueError(f"num_heads={num_heads} must divide the attention channel counts {sorted(attn_chs)}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+    check_dropout(dropout)
 
 
 def build_unet(size: str, in_channels: int, out_channels: int, image_size: int, **overrides: Any) -> UNet:
     """Build the UNet preset `size` from UNET_SIZES, with keyword overrides."""
-    if size not in UNET_SIZES:
-        raise ValueError(f"unknown U-Net size {size!r}; choose from {sorted(UNET_SIZES)}")
     if "attn_levels" in overrides and "attn_resolutions" in overrides:
         raise ValueError("give attn_levels or attn_resolutions, not both")
-    cfg = {**UNET_SIZES[size], **overrides}
+    cfg = preset(UNET_SIZES, size, "U-Net", overrides)
     levels = cfg.pop("attn_levels", None)
     # An explicit attn_resolutions override wins over a preset's attn_levels.
     if levels is not None and "attn_resolutions" not in overrides:

@@ -182,7 +182,7 @@ def cmd_evaluate(argv: list[str]) -> int:
     from .pipeline import load_pipeline
 
     pipe = load_pipeline(args.path, ema=not args.no_ema)
-    cfg = pipe.config
+    cfg = _run_config(pipe, args.path)
     if args.shards:
         cfg.data.shards, cfg.data.test_urls = args.shards, ""
     repeats = args.repeats or cfg.eval.repeats
@@ -291,7 +291,8 @@ def cmd_pictures(argv: list[str]) -> int:
 
     pipe = NDMPipeline.from_pretrained(args.path)
     out = args.out or Path(args.path) / "pictures"
-    test = read_split(args.shards or pipe.config.data.shards, "test", pipe.config.data.strict)
+    data = _run_config(pipe, args.path).data
+    test = read_split(args.shards or data.shards, "test", data.strict)
     # One test image from each of the first classes, so rows differ.
     pick = [int(np.flatnonzero(test.labels == c)[0]) for c in np.unique(test.labels)][: args.num]
     rows, diff, scale = transform_rows(pipe.model, torch.from_numpy(test.images[pick]))
@@ -303,6 +304,13 @@ def cmd_pictures(argv: list[str]) -> int:
                       "transform_diff": str(out / "transform_diff.png"), "diff_scale_max_abs": scale,
                       "trajectories": str(out / "trajectories.png")}, indent=2))
     return 0
+
+
+def _run_config(pipe, path):
+    if pipe.config is None:
+        raise ValueError(f"{path} holds no run.json (the config the model was trained with): its test data and "
+                         "evaluation settings are unknown; save the model with NDMPipeline(model, shape, config)")
+    return pipe.config
 
 
 COMMANDS = {"train": cmd_train, "train_vae": cmd_train_vae, "train_latent": cmd_train_latent,

@@ -257,6 +257,8 @@ def validate(cfg: RunConfig | VAERunConfig | LatentRunConfig) -> None:
             raise ConfigError(f"loss.lpips_net={cfg.loss.lpips_net!r}; choose vgg, alex or squeeze")
         return
     m = cfg.model
+    if isinstance(cfg, RunConfig) and m.likelihood != "discrete8bit":
+        raise ConfigError("model.likelihood must be 'discrete8bit' for a pixel model (its data are 8-bit pixels)")
     if isinstance(cfg, LatentRunConfig):
         if m.likelihood != "gaussian":
             raise ConfigError("model.likelihood must be 'gaussian' for a latent prior (its data are latents)")

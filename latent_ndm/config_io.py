@@ -18,8 +18,6 @@ class ConfigError(ValueError):
     """A configuration file or override that does not fit the schema."""
 
 
-
-
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):

@@ -82,7 +82,7 @@ class NDMPipeline:
         if not (path / CONFIG).is_file():
             raise FileNotFoundError(f"{path} is neither a saved model nor a run directory (no {CONFIG})")
         data = read_run_config(path)
-        if data.get("class") == cls.__name__:
+        if data.get("class") == "NDMPipeline":
             ndm = NDM.from_pretrained(path / NDM_DIR)
             codec = LatentCodec(VAE.from_pretrained(path / VAE_DIR)) if data["codec"] == "latent" else PixelCodec()
             config = None
@@ -114,7 +114,7 @@ class NDMPipeline:
             self.codec.vae.save_pretrained(path / VAE_DIR)
         if self.config is not None:
             (path / RUN).write_text(json.dumps(to_dict(self.config), indent=2))
-        meta = {"class": type(self).__name__, "codec": "latent" if self.is_latent else "pixel",
+        meta = {"class": "NDMPipeline", "codec": "latent" if self.is_latent else "pixel",
                 "image_shape": list(self.image_shape)}
         (path / CONFIG).write_text(json.dumps(meta, indent=2))  # last: a complete directory has it
         return path

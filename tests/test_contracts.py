@@ -19,8 +19,9 @@ from latent_ndm.core.codec import LatentCodec, PixelCodec, pixels_to_model
 from latent_ndm.core.model import ImageModel
 from latent_ndm.core.noise import Noise
 from latent_ndm.evaluation.pictures import TIMES, trajectory_rows, transform_rows
-from latent_ndm.nets.build import build_ndm, build_net
+from latent_ndm.nets.build import build_loss, build_ndm, build_net
 from latent_ndm.pipeline import NDMPipeline
+from latent_ndm.tasks.diffusion import NELBOObjective
 from latent_ndm.tasks.pixel import build_pixel_model
 from vae.config import VAEConfig
 from vae.model import VAE
@@ -220,6 +221,11 @@ def test_weights_saved_by_earlier_versions_still_load(kind: str, tmp_path: Path)
     load_weights(fresh, tmp_path / "old.safetensors")
     a, b = pipe.model.state_dict(), fresh.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Resuming (or init_from) such a run takes the proposal from those weights.
+    objective = NELBOObjective(build_loss(pipe.config.model), 64)
+    assert objective.load_legacy_proposal(state)
+    stored = next(v for k, v in state.items() if k.endswith("time_sampler.second_moment"))
+    assert torch.equal(objective.loss.proposal.second_moment, stored)
     if kind == "pixel":  # an earlier saved model: the run's config.json beside model.safetensors
         old = tmp_path / "old_saved"
         old.mkdir()

@@ -140,3 +140,34 @@ def test_learning_rate_schedules() -> None:
     assert all(x >= y for x, y in zip(cos[2:], cos[3:]))
     with pytest.raises(ValueError, match="unknown learning-rate schedule"):
         lr_factor(5, 2, "linear", 10)
+
+
+def test_a_skipped_non_finite_step_leaves_the_t_proposal_alone() -> None:
+    """The proposal learns from an applied step's losses only: a NaN would make every later t NaN."""
+    from latent_ndm.core.loss import NDMLoss
+    from latent_ndm.core.noise import Noise
+    from latent_ndm.core.timesteps import ImportanceSampler
+    from latent_ndm.experiments.toy2d import build_toy_ndm
+    from latent_ndm.training.step import train_step
+
+    ndm, loss = build_toy_ndm("neural", hidden=8, depth=1), NDMLoss(ImportanceSampler(bins=4))
+    poison = {"on": True}
+
+    def objective(x, noise, step):
+        nats = sum(loss(ndm, x, noise).values())
+        return (nats * float("nan") if poison["on"] else nats), {}
+
+    model = torch.nn.Module()
+    model.forward, model.ndm = objective, ndm
+    opt = torch.optim.AdamW(ndm.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    before = loss.proposal.state_dict()
+    res = train_step(model, [(x, Noise.from_generator(torch.Generator().manual_seed(1), 8))], 0, 1.0, opt, sched,
+                     end_step=loss.update_proposal)
+    after = loss.proposal.state_dict()
+    assert not res.applied and all(torch.equal(before[k], after[k]) for k in before)
+    poison["on"] = False
+    res = train_step(model, [(x, Noise.from_generator(torch.Generator().manual_seed(1), 8))], 1, 1.0, opt, sched,
+                     end_step=loss.update_proposal)
+    assert res.applied and loss.proposal.seen.sum() == 8 and torch.isfinite(loss.proposal.second_moment).all()

@@ -76,12 +76,13 @@ class NDMLoss(nn.Module):
                 return span / (num_steps * (ndm.gamma(t) - ndm.gamma(s)))
             return span / ndm.schedule.gamma_and_derivative(t)[1]
 
-    def update_proposal(self) -> None:
-        """Fold the loss densities seen since the last call into the proposal (a collective when distributed)."""
-        if self.proposal is None or not self._seen:
+    def update_proposal(self, keep: bool = True) -> None:
+        """Fold the loss densities seen since the last call into the proposal (a collective when distributed);
+        keep=False forgets them (a skipped, non-finite step must not poison the proposal)."""
+        seen, self._seen = self._seen, []
+        if self.proposal is None or not seen or not keep:
             return
-        t, diff = (torch.cat(v) for v in zip(*self._seen))
-        self._seen.clear()
+        t, diff = (torch.cat(v) for v in zip(*seen))
         self.proposal.update(t, diff)
 
     def _check(self, ndm: NDM, x: Tensor) -> None:

@@ -53,7 +53,10 @@ def gather_examples(ids: Tensor, terms: dict[str, Tensor]) -> tuple[Tensor, dict
         parts: list = [None] * dist.get_world_size()
         dist.all_gather_object(parts, (ids.cpu(), {k: v.cpu() for k, v in terms.items()}))
         ids = torch.cat([p[0] for p in parts])
-        terms = {k: torch.cat([p[1][k] for p in parts]) for k in terms}
+        # A process with no examples (more processes than test images) has no terms at all.
+        keys = list(dict.fromkeys(k for p in parts for k in p[1]))
+        empty = torch.zeros(0, dtype=torch.float64)
+        terms = {k: torch.cat([p[1].get(k, empty) for p in parts]) for k in keys}
     if len(torch.unique(ids)) != len(ids):
         raise RuntimeError("an example was evaluated by more than one process")
     order = torch.argsort(ids)

@@ -69,8 +69,6 @@ def _sincos_2d(dim: int, grid: int) -> Tensor:
     return torch.cat(parts, dim=1).float()
 
 
-
-
 class DiTBlock(nn.Module):
     """Pre-norm transformer block whose norms are modulated by t, and whose residual branches are gated by
     t (adaLN-Zero: the gates start at zero, so every block starts as the identity)."""

@@ -62,7 +62,7 @@ def ode_nll(
 
     x: data in model space. For 8-bit data (dequantize defaults to the discrete likelihood) x is
     dequantised uniformly within its bin of width 2/256: the result is then a density on [-1, 1]^D,
-    and bits/dim on the 0..255 scale are nats/(D ln 2) + 7 (see `nll_bits_per_dim`). Continuous data
+    and bits/dim on the 0..255 scale are nats/(D ln 2) + 7 (evaluation/nelbo.py adds D log 128 nats). Continuous data
     (latents) are not dequantised: the result is their density.
     z_0 = alpha_0 x (its sigma_0 noise, ~1e-3 here, is neglected as in VDM and score-SDE likelihoods).
     probe_vectors: Hutchinson probes [K, B, ...] to use instead of drawing `probes` of `probe_kind`
@@ -103,7 +103,3 @@ def ode_nll(
     ndm.train(was_training)
     return -log_px, {"nfe": counter["nfe"], "steps": res.steps}
 
-
-def nll_bits_per_dim(nats: Tensor, dims: int, dequantized: bool) -> Tensor:
-    """Bits/dim; for dequantised 8-bit data on [-1, 1] add log2(256/2) = 7 bits for the 0..255 scale."""
-    return P.bits_per_dim(nats, dims) + (7.0 if dequantized else 0.0)

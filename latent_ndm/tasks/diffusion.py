@@ -57,12 +57,21 @@ class NELBOObjective(nn.Module):
         else:
             metrics["bpd"] = nats.detach().mean() * self.loss_scale
         if self.kl_anneal_steps:
-            metrics["kl_weight"] = torch.tensor(w)
+            metrics["kl_weight"] = torch.tensor(w, device=nats.device)
         return nats, metrics
 
-    def end_step(self) -> None:
-        """After every optimizer step (on every process): the t proposal learns from the step's losses."""
-        self.loss.update_proposal()
+    def end_step(self, applied: bool = True) -> None:
+        """After every step, on every process: the t proposal learns from the step's losses (if applied)."""
+        self.loss.update_proposal(keep=applied)
+
+    def load_legacy_proposal(self, weights: dict[str, Tensor]) -> bool:
+        """Runs saved before the loss owned the t proposal kept it in the model's weights ('time_sampler.*'
+        or 'ndm.time_sampler.*'); take it from there. Returns whether one was found."""
+        found = {k.rsplit("time_sampler.", 1)[1]: v for k, v in weights.items() if "time_sampler." in k}
+        if self.loss.proposal is None or set(found) != {"second_moment", "seen"}:
+            return False
+        self.loss.proposal.load_state_dict(found)
+        return True
 
 
 def diffusion_task(cfg: RunConfig | LatentRunConfig, model: ImageModel, objective: NELBOObjective,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from latent_ndm.config import LatentRunConfig
@@ -49,6 +50,8 @@ def latent_task(cfg: LatentRunConfig) -> Task:
         state = run_state(cfg.init_from)
         if "objective" in state:
             objective.load_state_dict(state["objective"])
+        else:  # a run from before the loss held the proposal: it travelled in the EMA weights, as then
+            objective.load_legacy_proposal(load_file(str(run_weights(cfg.init_from))))
     image_shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     vae = model.codec.vae
     latents = open_latent_shards(cfg.latents, vae, image_shape, cfg.data.shards) if cfg.latents else None

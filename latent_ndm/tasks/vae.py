@@ -93,7 +93,7 @@ class VAEObjective:
         out = model(x, noise)
         beta = self.kl_weight(step)
         metrics = {"kl_per_dim": out["kl"].detach().mean() / self.latent_dims,
-                   "psnr": psnr(out["recon"].detach(), x).mean(), "kl_weight": torch.tensor(beta)}
+                   "psnr": psnr(out["recon"].detach(), x).mean(), "kl_weight": torch.tensor(beta, device=x.device)}
         if self.discrete:
             nelbo = out["rec"] + out["kl"]
             metrics["bpd"] = nelbo.detach().mean() / (self.dims * math.log(2))

@@ -168,7 +168,7 @@ def run_state(run_dir: str | Path) -> dict[str, Any]:
     """The training state (state.pt: step, optimizer, objective, ...) of a run's latest complete checkpoint."""
     ckpt = run_weights(run_dir).parent
     try:
-        return torch.load(ckpt / "state.pt", weights_only=True)
+        return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"cannot read {ckpt / 'state.pt'}: {e}") from e
 
@@ -263,6 +263,7 @@ def load_checkpoint(path: Path, modules: dict[str, nn.Module]) -> dict[str, Any]
     for name, module in modules.items():
         load_weights(module, path / f"{name}.safetensors")
     try:
-        return torch.load(path / "state.pt", weights_only=True)
+        # On the CPU: the optimizer moves its state to its parameters' device when it loads it.
+        return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # an unpickling error names the offending global; keep it in the message
         raise CheckpointError(f"cannot read {path / 'state.pt'}: {e}") from e

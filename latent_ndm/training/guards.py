@@ -15,7 +15,8 @@ from latent_ndm.config import ConfigError, config_diff, from_dict, to_dict
 from latent_ndm.training.checkpoint import checkpoint_dirs, write_atomic
 
 # Keys that may change when a run is resumed (how long and how often, not what is trained; model.fdot and
-# train.grad_accum only choose how the same derivative and the same step are computed).
+# train.grad_accum only choose how the same derivative and the same step are computed; with dropout the
+# masks of micro-batches differ from the whole batch's).
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.eval_every", "train.eval_examples",
                   "train.sample_every", "train.sample_steps", "train.num_samples", "train.ckpt_every",
                   "train.keep_checkpoints", "train.max_nonfinite_steps", "train.grad_accum", "eval.", "model.fdot")

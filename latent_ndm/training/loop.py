@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from accelerate import Accelerator
@@ -48,8 +48,9 @@ __all__ = ["Objective", "Task", "TrainingInterrupted", "train"]
 
 
 class Objective(Protocol):
-    """objective(model, batch, noise, step) -> (per-example loss [B], metrics); optionally `end_step()`, called
-    on every process after each step's backward (e.g. to update a proposal from the step's losses)."""
+    """objective(model, batch, noise, step) -> (per-example loss [B], metrics); optionally `end_step(applied)`,
+    called on every process after each step (e.g. to update a proposal from the step's losses), and
+    state_dict/load_state_dict for state that is checkpointed with the run."""
 
     loss_scale: float  # multiplies the mean per-example nats into the optimised loss (e.g. 1/(D ln 2))
 
@@ -221,6 +222,3 @@ def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path
     # The process group stays up (no end_training): callers may evaluate across processes next.
     return run_dir
 
-
-def summarize(metrics: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())

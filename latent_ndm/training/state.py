@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load_file
 from torch import nn
 
 from latent_ndm.training.checkpoint import load_checkpoint, save_checkpoint
@@ -50,6 +51,8 @@ class TrainState:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.objective is not None and "objective" in state:
             self.objective.load_state_dict(state["objective"])
+        elif hasattr(self.objective, "load_legacy_proposal"):  # a checkpoint from before the loss held it
+            self.objective.load_legacy_proposal(load_file(str(Path(ckpt) / "model.safetensors")))
         self.step = self.saved_step = state["step"]
         self.skipped_steps = state.get("skipped_steps", 0)
         # The saved count is the total over processes: rank 0 carries it on.

@@ -47,14 +47,15 @@ class StepResult:
 
 def train_step(model: nn.Module, micro_batches: Sequence[tuple[Tensor, Noise]], step: int, loss_scale: float,
                optimizer: torch.optim.Optimizer, scheduler, grad_clip: float = 0.0, ema: EMA | None = None,
-               ema_model: nn.Module | None = None, end_step: Callable[[], None] | None = None,
+               ema_model: nn.Module | None = None, end_step: Callable[[bool], None] | None = None,
                accelerator=None, should_stop: Callable[[], bool] | None = None) -> StepResult:
     """One step of `model(batch, noise, step) -> (per-example loss [B], metrics)` over the micro-batches.
 
     loss_scale multiplies the mean per-example loss into the optimised one (e.g. 1/(D ln 2) for nats ->
-    bits/dim). ema follows `ema_model` (default: model). end_step: called after the backward passes on every
-    process (e.g. the t proposal learns from the step). should_stop: asked after the backward passes (a signal
-    that arrived during this step stops the run after it). Gradients are zeroed at the end.
+    bits/dim). ema follows `ema_model` (default: model). end_step(applied): called on every process once the
+    step's fate is known (e.g. the t proposal learns from the step's losses, or forgets them if skipped).
+    should_stop: asked after the backward passes (a signal that arrived during this step stops the run after
+    it). Gradients are zeroed at the end.
     """
     n = len(micro_batches)
     loss, metrics = torch.zeros(()), {}
@@ -67,8 +68,6 @@ def train_step(model: nn.Module, micro_batches: Sequence[tuple[Tensor, Noise]], 
         accelerator.backward(part) if accelerator is not None else part.backward()
         loss = part.detach() if i == 0 else loss + part.detach()
         metrics = m if n == 1 else {k: metrics.get(k, 0) + v.detach() / n for k, v in m.items()}
-    if end_step is not None:
-        end_step()
     clip = grad_clip if grad_clip > 0 else math.inf
     if accelerator is not None:
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
@@ -81,6 +80,8 @@ def train_step(model: nn.Module, micro_batches: Sequence[tuple[Tensor, Noise]], 
     if accelerator is not None and accelerator.num_processes > 1:
         flags = accelerator.reduce(flags, "sum")
     nonfinite, stop = (v > 0 for v in flags.tolist())
+    if end_step is not None:  # e.g. the t proposal learns from the step's losses, unless they were not finite
+        end_step(not nonfinite)
     if not nonfinite:
         optimizer.step()
         scheduler.step()

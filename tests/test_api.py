@@ -73,3 +73,16 @@ def test_cli_sample_evaluate_and_pictures(run_dir: Path, tmp_path: Path, capsys:
         assert (tmp_path / "pics" / name).is_file()
     assert main(["sample", str(run_dir), "--sampler", "euler"]) == 1  # a clear error, non-zero exit
     assert "unknown sampler 'euler'" in capsys.readouterr().err
+
+
+def test_the_package_exports_its_public_api() -> None:
+    import latent_ndm
+    from latent_ndm import NDM, SAMPLERS, NDMPipeline, load_pipeline
+    from latent_ndm.core.ndm import NDM as CoreNDM
+    from latent_ndm.pipeline import NDMPipeline as PipelineClass
+
+    assert NDM is CoreNDM and NDMPipeline is PipelineClass and callable(load_pipeline) and "ancestral" in SAMPLERS
+    for name in latent_ndm.__all__:  # every advertised name resolves
+        assert getattr(latent_ndm, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        latent_ndm.nope  # noqa: B018

@@ -18,6 +18,7 @@ from latent_ndm.config import LatentRunConfig, NetConfig, load_config
 from latent_ndm.core.codec import LatentCodec, PixelCodec, pixels_to_model
 from latent_ndm.core.model import ImageModel
 from latent_ndm.core.noise import Noise
+from latent_ndm.evaluation.nelbo import nelbo_per_example
 from latent_ndm.evaluation.pictures import TIMES, trajectory_rows, transform_rows
 from latent_ndm.nets.build import build_loss, build_ndm, build_net
 from latent_ndm.pipeline import NDMPipeline
@@ -182,10 +183,14 @@ def test_pipeline_contract(kind: str, tmp_path: Path) -> None:
     assert one["bpd"] == pytest.approx(two["bpd"], rel=1e-6) and one["num_images"] == 5
     assert set(one) >= {"rec_bpd", "diff_bpd", "prior_bpd", "bpd", "bpd_stderr"}
     assert ("decoder_bpd" in one) == (kind == "latent")
-    subset = pipe.nelbo_bpd(images[[3]], ids=ids[[3]])
     per_image = pipe.nelbo_bpd(images, ids=ids, batch_size=1)
-    assert subset["bpd"] == pytest.approx(pipe.nelbo_bpd(images[[3]], ids=ids[[3]], batch_size=1)["bpd"])
     assert per_image["bpd"] == pytest.approx(one["bpd"], rel=1e-6)
+    # An image evaluated alone gets exactly its terms in the batch of five (its id keys its draws).
+    alone = nelbo_per_example(pipe.model, images[[3]], ids[[3]])
+    together = nelbo_per_example(pipe.model, images, ids)
+    for k in together:
+        assert alone[k][0].item() == pytest.approx(together[k][3].item(), rel=1e-6, abs=1e-6), k
+    assert not torch.allclose(together["diff"][3], together["diff"][2])  # the images' draws differ
     ode = pipe.ode_nll_bpd(images[:2], ids=ids[:2], rtol=1e-3, atol=1e-3)
     assert math.isfinite(ode["bpd"]) and ode["nfe_mean"] > 0 and "ode_nll_bpd" in ode
     # encode/decode speak model space.

@@ -1,4 +1,4 @@
-"""The NDM mathematics against closed forms and independent computations (SPEC.md)."""
+"""The NDM mathematics against closed forms and independent computations (docs/MATH.md)."""
 
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ def test_discrete_model_follows_its_ancestral_chain_exactly() -> None:
     T = 5
     ndm = tiny_ndm(T)
     out = ancestral(ndm, (2, 1, 8, 8), torch.Generator().manual_seed(9))
-    # The chain written out from SPEC's posterior, with the same random draws.
+    # The chain written out from the posterior of docs/MATH.md section 3, with the same random draws.
     g = torch.Generator().manual_seed(9)
     z = torch.randn(2, 1, 8, 8, generator=g)
     for i in range(T, 0, -1):

@@ -85,7 +85,7 @@ class DiffusersUNet(torch.nn.Module):
 @dataclass
 class Switches:
     """How the step runs: bf16 autocast, channels_last tensors, torch.compile of the denoiser network (the
-    path without forward-mode AD; F's network is never compiled, see PITFALLS), the device."""
+    path without forward-mode AD; F's network is never compiled, docs/MATH.md section 6.1), the device."""
 
     bf16: bool = False
     channels_last: bool = False

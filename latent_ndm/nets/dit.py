@@ -3,7 +3,7 @@ place of the U-Net as the diffusion denoiser and as NN(x, t) in F(x, t) = x + t*
 
 Built from timm's PatchEmbed, Attention and Mlp. As for the U-Net, forward-mode AD in t must work
 (dF/dt is one JVP): attention never uses the fused SDPA kernels, which have no forward-AD rule, and
-LayerNorm runs in at least float32 under bf16 autocast (see ../shared/PITFALLS.md). The residual stream
+LayerNorm runs in at least float32 under bf16 autocast (docs/MATH.md, section 6.1). The residual stream
 stays float32 under autocast too: the float32 position embedding is added to it.
 """
 
@@ -46,7 +46,8 @@ _FREQ_DIM = 256  # width of the sinusoidal time embedding before the MLP (DiT's 
 def _layer_norm(x: Tensor) -> Tensor:
     """Affine-free LayerNorm (eps 1e-6, as DiT) in at least float32, cast back to x.dtype."""
     # bf16 statistics are coarse. An explicit round trip keeps primal and tangent in x.dtype whatever autocast
-    # does to the op (it split them for GroupNorm, PITFALLS); promote_types keeps float64 models in float64.
+    # does to the op (it split them for GroupNorm, docs/MATH.md section 6.1); promote_types keeps float64
+    # models in float64.
     dtype = torch.promote_types(x.dtype, torch.float32)
     return F.layer_norm(x.to(dtype), x.shape[-1:], eps=1e-6).to(x.dtype)
 

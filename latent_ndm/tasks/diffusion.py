@@ -37,7 +37,7 @@ class NELBOObjective(nn.Module):
 
     def __init__(self, loss: NDMLoss, dims: int, kl_anneal_steps: int = 0, kl_anneal_start: float = 1.0):
         super().__init__()
-        self.loss, self.dims = loss, dims
+        self.loss = loss
         self.loss_scale = 1.0 / (dims * math.log(2))  # optimise bits/dim: nats/(D ln 2)
         self.kl_anneal_steps, self.kl_anneal_start = kl_anneal_steps, kl_anneal_start
 

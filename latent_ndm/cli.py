@@ -177,6 +177,7 @@ def cmd_evaluate(argv: list[str]) -> int:
             from latent_ndm.evaluation.quality import inception_weights_path
 
             inception_weights_path(args.inception_weights)
+    from latent_ndm.data.shards import dataset_version
     from latent_ndm.data.streams import eval_examples, open_split
 
     from .pipeline import load_pipeline
@@ -188,6 +189,8 @@ def cmd_evaluate(argv: list[str]) -> int:
     repeats = args.repeats or cfg.eval.repeats
     report: dict = {"path": str(args.path), "shards": cfg.data.shards,
                     "test_images": open_split(cfg.data, "test").count}
+    if version := dataset_version(cfg.data.shards):  # e.g. which downsampled ImageNet: figures differ between them
+        report["dataset_version"] = version
     # Evenly spaced subsets, not the first n: test sets are often sorted by class (the MNIST subset is).
     if "nelbo" in metrics:
         images, ids, bad = eval_examples(cfg.data, "test", args.num_images, 0, 1)

@@ -82,10 +82,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = "data/mnist5k"  # a folder of webdataset shards with manifest.json (scripts/make_shards.sh)
+    shards: str = "data/mnist5k"  # a folder of shards with manifest.json (scripts/make_shards.sh), or of
+    # another tool's webdataset shards (no manifest: counted once, cached in shard_index.json, and every image
+    # converted to channels x image_size x image_size on reading)
     train_urls: str = ""  # optional webdataset URL spec of the train shards in manifest order, e.g.
     # "pipe:aws s3 cp s3://bucket/train-{000000..000099}.tar -"; default: the files beside the manifest
+    # (without a manifest: SHARDS/train-*.tar)
     test_urls: str = ""  # the same for the test shards
+    image_keys: str = "jpg,jpeg,png,webp"  # other tools' shards: the sample fields that may hold the image
+    label_key: str = "cls"  # other tools' shards: the label's field, or json.FIELD for a field of the .json
     channels: int = 1  # checked against the manifest
     image_size: int = 28
     hflip: bool = False  # random horizontal flips of training images

@@ -5,4 +5,4 @@
 #   scripts/make_shards.sh folder data/mine --root ~/pictures --resize 64 --center-crop 256 --channels 3
 #   scripts/make_shards.sh cifar10 data/cifar10 --root ~/torchvision-data [--download]
 source "$(dirname "$0")/_env.sh"
-exec python -m latent_ndm.data.shards "$@"
+exec python -m latent_ndm.data.writer "$@"

@@ -17,7 +17,7 @@ SHARDS=data/mnist5k
 mkdir -p "$OUT"
 start=$(date +%s)
 # The training data are read as webdataset shards, like any user data: write them once.
-[ -f "$SHARDS/manifest.json" ] || python -m latent_ndm.data.shards mnist5k "$SHARDS" >/dev/null
+[ -f "$SHARDS/manifest.json" ] || python -m latent_ndm.data.writer mnist5k "$SHARDS" >/dev/null
 common=(out_dir="$OUT" data.shards="$SHARDS" train.eval_every=0)
 python -m latent_ndm.cli train_vae configs/vae_mnist.yaml name=vae "${common[@]}" train.steps="$VAE_STEPS" \
   train.sample_every="$VAE_STEPS" train.ckpt_every="$VAE_STEPS" >/dev/null

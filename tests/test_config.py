@@ -24,7 +24,8 @@ def test_every_config_loads(path: Path) -> None:
 
 def test_ndm_and_ddpm_configs_differ_only_in_the_transform() -> None:
     pairs = [("ndm_mnist", "ddpm_mnist"), ("ndm_mnist_t10", "ddpm_mnist_t10"), ("ndm_mnist_t1000", "ddpm_mnist_t1000"),
-             ("ndm_cifar10", "ddpm_cifar10")]
+             ("ndm_cifar10", "ddpm_cifar10"), ("ndm_imagenet32", "ddpm_imagenet32"),
+             ("ndm_imagenet64", "ddpm_imagenet64")]
     for ndm, ddpm in pairs:
         a, b = (to_dict(load_config(f"configs/{n}.yaml", ["name=x"])) for n in (ndm, ddpm))
         a["model"]["transform_net"] = b["model"]["transform_net"]  # unused when F = identity
@@ -102,3 +103,19 @@ def test_paper_scale_latent_configs_build_and_step(vae_name: str, latent_name: s
     assert torch.isfinite(nats).all()
     for part in parts:
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_imagenet_configs_build_vdm_networks(size: int) -> None:
+    """VDM's ImageNet U-Net: `size` residual blocks down, size + 1 up and 2 in the middle, all at full
+    resolution; NDM has one in the denoiser and one in F. Built on the meta device: no memory."""
+    from latent_ndm.nets.build import build_ndm
+    from latent_ndm.nets.unet import ResBlock
+
+    for kind, nets in (("ndm", 2), ("ddpm", 1)):
+        cfg = load_config(f"configs/{kind}_imagenet{size}.yaml")
+        assert (cfg.data.channels, cfg.data.image_size, cfg.train.batch_size) == (3, size, 128)
+        with torch.device("meta"):
+            ndm = build_ndm(cfg.model, 3, size)
+        blocks = [m for m in ndm.modules() if isinstance(m, ResBlock)]
+        assert len(blocks) == nets * (2 * size + 3) and {b.conv1.out_channels for b in blocks} == {256}

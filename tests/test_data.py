@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from latent_ndm.config import DataConfig
-from latent_ndm.data.shards import ShardFormatError, encode_png, make_shards, read_split
+from latent_ndm.data.images import encode_png
+from latent_ndm.data.shards import ShardFormatError, read_split
 from latent_ndm.data.streams import eval_examples, train_batches
+from latent_ndm.data.writer import make_shards
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -92,3 +93,31 @@ def test_two_processes_match_one_and_resume(tmp_path: Path, mnist_shards: Path) 
     assert second[0]["eval"]["num_images"] == second[1]["eval"]["num_images"] == one["eval"]["num_images"] == 500
     assert second[0]["eval"]["bpd"] == second[1]["eval"]["bpd"]
     assert second[0]["eval"]["bpd"] == pytest.approx(one["eval"]["bpd"], rel=1e-4)
+
+
+@pytest.mark.slow  # an end-to-end command-line run
+def test_two_processes_match_one_on_other_tools_shards(tmp_path: Path, webdataset_jpg_shards: Path) -> None:
+    """webdataset-written JPEG shards without a manifest: both processes count them (no index yet), and the
+    two-process run equals the one-process run as above."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for tar in webdataset_jpg_shards.glob("*.tar"):
+        shutil.copy(tar, shards / tar.name)
+    torchrun(str(shards), str(tmp_path), "two", "3")
+    assert (shards / "shard_index.json").is_file()
+    spec = importlib.util.spec_from_file_location("distributed_job", JOB)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    one = job.run(str(shards), str(tmp_path), "one", 3)
+    two = [json.loads((tmp_path / f"two_rank{r}.json").read_text()) for r in (0, 1)]
+    for step in range(3):
+        r0, r1 = two[0]["steps"][str(step)], two[1]["steps"][str(step)]
+        assert len(r0) == len(r1) == 4 and not set(r0) & set(r1)
+        assert r0 + r1 == one["steps"][step]
+    for name in ("model", "ema"):
+        a = load_file(latest_checkpoint(tmp_path / "two") / f"{name}.safetensors")
+        b = load_file(latest_checkpoint(tmp_path / "one") / f"{name}.safetensors")
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=f"{name}.{key}")
+    ids = two[0]["eval_ids"] + two[1]["eval_ids"]
+    assert sorted(ids) == list(range(100)) and two[0]["eval"]["bpd"] == pytest.approx(one["eval"]["bpd"], rel=1e-4)

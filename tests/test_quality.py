@@ -14,8 +14,9 @@ from torch import nn
 
 from latent_ndm.cli import main
 from latent_ndm.config import load_config
-from latent_ndm.data.shards import MANIFEST, read_split, write_shards
+from latent_ndm.data.shards import MANIFEST, read_split
 from latent_ndm.data.sources import ImageData
+from latent_ndm.data.writer import write_shards
 from latent_ndm.evaluation import quality as Q
 from latent_ndm.evaluation.classifier import ClassifierConfig, ImageClassifier, train_classifier
 from latent_ndm.pipeline import NDMPipeline

@@ -246,10 +246,11 @@ def test_bad_cli_input_is_one_clear_error(case: str, tmp_path: Path, mnist_shard
 
 
 def test_empty_image_folder_and_bad_python_inputs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from latent_ndm.data.shards import main as make_shards_main
+    from latent_ndm.data.writer import main as make_shards_main
 
     (tmp_path / "empty").mkdir()
-    assert make_shards_main(["folder", str(tmp_path / "out"), "--root", str(tmp_path / "empty")]) == 1
+    assert make_shards_main(["folder", str(tmp_path / "out"), "--root", str(tmp_path / "empty"),
+                             "--test-fraction", "0.1"]) == 1
     assert "no images" in capsys.readouterr().err
     assert not (tmp_path / "out" / "manifest.json").exists()
 

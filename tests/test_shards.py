@@ -10,16 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latent_ndm.data.shards import (
-    ReadStats,
-    ShardFormatError,
-    load_manifest,
-    make_shards,
-    read_split,
-    shard_samples,
-    split_shards,
-)
+from latent_ndm.data.shards import ReadStats, ShardFormatError, load_manifest, read_split, shard_samples, split_shards
 from latent_ndm.data.sources import load_folder, load_mnist5k, load_npz
+from latent_ndm.data.writer import make_shards
 
 
 def test_mnist5k_round_trips_exactly(mnist_shards: Path) -> None:
@@ -61,8 +54,19 @@ def test_folder_and_npz_sources(tmp_path: Path) -> None:
     data = load_folder(tmp_path / "folder")
     assert data.images.shape == (6, 3, 12, 10) and list(data.labels) == [0, 0, 0, 1, 1, 1]
     assert np.array_equal(data.images, imgs.transpose(0, 3, 1, 2))
-    np.savez(tmp_path / "a.npz", images=imgs[..., 0])
-    assert load_npz(tmp_path / "a.npz").images.shape == (6, 1, 12, 10)
+    np.savez(tmp_path / "a.npz", images=imgs[..., 0])  # stored: memory-mapped in place
+    assert np.array_equal(load_npz(tmp_path / "a.npz").images, imgs[:, None, :, :, 0])
+    np.savez_compressed(tmp_path / "c.npz", images=imgs, labels=np.arange(6))  # compressed: extracted first
+    with pytest.raises(ValueError, match="compressed"):
+        load_npz(tmp_path / "c.npz")
+    (tmp_path / "npz").mkdir()
+    np.savez(tmp_path / "npz" / "train.npz", images=imgs, labels=np.arange(6))
+    np.savez_compressed(tmp_path / "npz" / "test.npz", images=imgs[:2], labels=np.arange(2))
+    make_shards("npz", tmp_path / "npz_shards", root=str(tmp_path / "npz"), shuffle_seed=None)
+    assert not (tmp_path / "npz_shards" / ".extracted").exists()  # the extracted copy is removed
+    for split, n in (("train", 6), ("test", 2)):
+        back = read_split(tmp_path / "npz_shards", split)
+        assert np.array_equal(back.images, imgs[:n].transpose(0, 3, 1, 2)) and list(back.labels) == list(range(n))
     with pytest.raises(FileNotFoundError, match="no images"):
         (tmp_path / "empty").mkdir()
         load_folder(tmp_path / "empty")

@@ -113,7 +113,7 @@ def test_tiny_vae_training_on_mnist_improves_reconstructions(tmp_path: Path, mni
 
 def test_perceptual_decoder_with_gan_trains_through_the_loop(tmp_path: Path) -> None:
     """The LDM-style path: L1 + LPIPS (random backbone: no weights file here) + patch-GAN from step 3."""
-    from latent_ndm.data.shards import make_shards
+    from latent_ndm.data.writer import make_shards
 
     make_shards("photo-patches", tmp_path / "photos", patch=32)
     cfg = load_config("configs/vae_photos.yaml", [

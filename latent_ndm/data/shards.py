@@ -1,78 +1,46 @@
-"""Images to webdataset tar shards (lossless PNG) with a JSON manifest, and reading them back.
+"""Reading tar shards: the project's own (with manifest.json) and other tools' (without).
 
-`python -m latent_ndm.data.shards SOURCE OUT_DIR [options]` (scripts/make_shards.sh) writes
-OUT_DIR/{train,test}-000000.tar ... and OUT_DIR/manifest.json (counts, shape, dtype, channels,
-source, split, shard names, per-shard counts). Reading decodes every sample to a uint8 tensor
+The project's shards (latent_ndm.data.writer, scripts/make_shards.sh) come with OUT_DIR/manifest.json
+(counts, shape, channels, source, per-shard counts). Reading decodes every sample to a uint8 tensor
 [C, H, W] (shards of pre-encoded latents, latent_ndm.data.latent_shards: a float32 array from an .npy
-payload). A sample that does not decode or a damaged shard is skipped with a warning and counted
-(strict=True makes it fatal); a sample of the wrong shape or channel count stops at once, naming the
-shard and the key. The training stream and the evaluation pass built on this are in latent_ndm.data.streams.
+payload), and a sample of another shape stops at once, naming the shard and the key.
+
+Shards written by other tools (webdataset's ShardWriter, img2dataset: `.jpg`/`.webp`/... images,
+labels in `.cls` or a `.json` field) have no manifest: `foreign_split` counts their samples in one
+scan, checks keys (no duplicates, no `..` or absolute member names), caches the counts beside the
+shards (shard_index.json) and converts every image on reading to the configured size
+(latent_ndm.data.images: the same conversions as make_shards).
+
+A sample that does not decode or a damaged shard is skipped with a warning and counted (strict=True
+makes it fatal). The training stream and the evaluation pass built on this are in
+latent_ndm.data.streams.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
-import sys
-import tarfile
-import time
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from tqdm.auto import tqdm
 
-from latent_ndm.data.sources import BUILT_IN, ImageData, convert, load_folder, load_npz, load_torchvision
+from latent_ndm.data.images import Conversion, convert_image, open_image
+from latent_ndm.data.sources import ImageData
+from latent_ndm.data.writer import MANIFEST
 
-MANIFEST = "manifest.json"
+INDEX = "shard_index.json"
 
 
 class ShardFormatError(ValueError):
     """A sample whose shape or channel count differs from the manifest: always fatal."""
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """uint8 [C, H, W] (C = 1 or 3) as PNG bytes (lossless)."""
-    arr = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_shards(data: ImageData, out_dir: str | Path, split: str, maxcount: int = 2000,
-                 shuffle_seed: int | None = None, progress: bool = False) -> dict:
-    """Write one split as {split}-NNNNNN.tar shards; returns its manifest entry.
-
-    shuffle_seed: write the samples in a seeded random order (for training data: a streaming reader
-    then reads whole shards at a time and still sees every class in every shard). The key keeps the
-    source index, {split}_NNNNNNNN, so any order maps back to the source.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.glob(f"{split}-*.tar"):
-        old.unlink()
-    order = np.arange(len(data)) if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(len(data))
-    pattern = str(out_dir / f"{split}-%06d.tar")
-    # Plain ustar headers with an integer mtime: webdataset's default (pax headers for float times)
-    # made reading three times slower, the header parsing costing more than decoding the PNGs.
-    with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0, format=tarfile.USTAR_FORMAT,
-                         mtime=int(time.time())) as sink:
-        for i in tqdm(order, desc=f"{split} shards", disable=not progress, leave=False):
-            sink.write({"__key__": f"{split}_{i:08d}", "png": encode_png(data.images[i]), "cls": int(data.labels[i])})
-    shards = sorted(p.name for p in out_dir.glob(f"{split}-*.tar"))
-    # ShardWriter fills each shard to maxcount before starting the next; the counts let a reader place
-    # any global sample index (e.g. to resume mid-stream) without opening a shard.
-    counts = [min(maxcount, len(data) - k * maxcount) for k in range(len(shards))]
-    c, h, w = data.images.shape[1:]
-    return {"count": len(data), "shards": shards, "shard_counts": counts, "shape": [int(c), int(h), int(w)],
-            "dtype": "uint8", "channels": int(c), "split": split, "shuffled": shuffle_seed is not None}
 
 
 def load_manifest(location: str | Path) -> dict:
@@ -85,13 +53,25 @@ def load_manifest(location: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+@dataclass(frozen=True)
+class ForeignFormat:
+    """How to read shards written by other tools: which sample fields hold the image (the first one
+    present is used), where the label is ("cls", or "json.FIELD" for a field of the .json payload; -1
+    when absent), and what every image is converted to."""
+
+    image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+    label_key: str = "cls"
+    conversion: Conversion = Conversion()
+
+
 @dataclass
 class SplitShards:
     """Where one split's shards are and what they hold: any URLs webdataset opens (paths, pipe:...)."""
 
     urls: list[str]
-    counts: list[int]  # samples per shard, from the manifest
+    counts: list[int]  # samples per shard, from the manifest or the index
     shape: tuple[int, int, int]  # (C, H, W) of every image
+    foreign: ForeignFormat | None = None  # set for other tools' shards: images are converted on reading
 
     @property
     def count(self) -> int:
@@ -104,7 +84,7 @@ class SplitShards:
 
 
 def split_shards(location: str | Path, split: str, urls: str = "") -> SplitShards:
-    """A split of the shard folder (or manifest file) `location`.
+    """A split of the project shard folder (or manifest file) `location`.
 
     urls: optional webdataset URL spec for the split's shards in manifest order, e.g. a brace pattern
     "pipe:aws s3 cp s3://bucket/train-{000000..000099}.tar -"; default: the files beside the manifest.
@@ -126,6 +106,17 @@ def split_shards(location: str | Path, split: str, urls: str = "") -> SplitShard
     return SplitShards(listed, list(entry["shard_counts"]), tuple(entry["shape"]))
 
 
+def has_manifest(location: str | Path) -> bool:
+    path = Path(location)
+    return path.suffix == ".json" or (path / MANIFEST).is_file()
+
+
+def dataset_version(location: str | Path) -> str | None:
+    """Which version of a dataset shards came from, when it matters for comparing figures (the two
+    downsampled ImageNets give different bits/dim): reports print it beside their numbers."""
+    return load_manifest(location).get("dataset_version") if has_manifest(location) else None
+
+
 @dataclass
 class ReadStats:
     """What reading skipped: a damaged shard or an undecodable sample is counted and warned about,
@@ -144,15 +135,55 @@ class ReadStats:
         return True  # tells webdataset to go on
 
 
+def unsafe_key(key: str) -> bool:
+    """A member name that would leave the folder it is extracted to (absolute, or with a .. part)."""
+    path = PurePosixPath(key)
+    return path.is_absolute() or ".." in path.parts
+
+
 def shard_samples(url: str, stats: ReadStats) -> Iterator[dict]:
-    """The raw samples ({'__key__', 'png', 'cls', ...}) of one shard, in stored order."""
-    yield from wds.tariterators.tarfile_samples([{"url": url}], handler=stats.handle)
+    """The raw samples ({'__key__', 'png', 'cls', ...}) of one shard, in stored order.
+
+    A sample whose key repeats an earlier one of the shard, or whose member name is absolute or holds
+    a `..` part, is kept in place (positions stay those of the index) but marked bad: decoding it fails.
+    """
+    seen: set[str] = set()
+    for sample in wds.tariterators.tarfile_samples([{"url": url}], handler=stats.handle):
+        key = sample["__key__"]
+        if unsafe_key(key):
+            sample["__error__"] = f"member name {key!r} points outside the shard's folder: refused"
+        elif key in seen:
+            sample["__error__"] = f"key {key!r} appears twice in the shard"
+        seen.add(key)
+        yield sample
 
 
-def decode_sample(sample: dict, shape: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
-    """(uint8 image [C, H, W], label) from a PNG payload, or (float32 array, label) from an .npy one
-    (pre-encoded latents, latent_ndm.data.latent_shards); a wrong shape raises ShardFormatError naming shard and key."""
+def _label(sample: dict, label_key: str) -> int:
+    if label_key.startswith("json."):
+        if "json" not in sample:
+            return -1
+        value = json.loads(sample["json"]).get(label_key[5:])
+        return -1 if value is None else int(value)
+    return int(sample[label_key]) if label_key in sample else -1
+
+
+def decode_sample(sample: dict, shape: tuple[int, int, int], foreign: ForeignFormat | None = None
+                  ) -> tuple[torch.Tensor, int]:
+    """(uint8 image [C, H, W], label) from an image payload, or (float32 array, label) from an .npy one
+    (pre-encoded latents, latent_ndm.data.latent_shards). Project shards: a wrong shape raises
+    ShardFormatError naming shard and key. Other tools' shards (foreign): the image is converted."""
     where = f"shard {sample.get('__url__', '?')}, key {sample.get('__key__', '?')}"
+    if "__error__" in sample:
+        raise ValueError(f"{where}: {sample['__error__']}")
+    if foreign is not None:
+        key = next((k for k in foreign.image_keys if k in sample), None)
+        if key is None:
+            raise ValueError(f"{where}: no image under any of the keys {', '.join(foreign.image_keys)} "
+                             f"(the sample has {', '.join(k for k in sample if not k.startswith('__'))})")
+        arr = convert_image(open_image(sample[key], where), foreign.conversion, where)
+        if tuple(arr.shape) != tuple(shape):  # a grey image in an RGB folder without a channel conversion
+            raise ValueError(f"{where}: image became {list(arr.shape)} (C, H, W), not {list(shape)}")
+        return torch.from_numpy(arr), _label(sample, foreign.label_key)
     if "npy" in sample:
         arr = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
         if arr.dtype != np.float32 or tuple(arr.shape) != tuple(shape):
@@ -172,12 +203,12 @@ def decode_sample(sample: dict, shape: tuple[int, int, int]) -> tuple[torch.Tens
     return torch.from_numpy(np.ascontiguousarray(arr)), int(sample.get("cls", -1))
 
 
-def decode_or_skip(sample: dict, shape: tuple[int, int, int], stats: ReadStats) -> tuple[torch.Tensor, int] | None:
+def decode_or_skip(sample: dict, shards: SplitShards, stats: ReadStats) -> tuple[torch.Tensor, int] | None:
     try:
-        return decode_sample(sample, shape)
+        return decode_sample(sample, shards.shape, shards.foreign)
     except ShardFormatError:
         raise
-    except Exception as exn:  # a PNG that does not decode, a missing field
+    except Exception as exn:  # an image that does not decode, a missing field, a refused key
         stats.handle(exn)
         return None
 
@@ -193,8 +224,90 @@ def iterate_split(shards: SplitShards, stats: ReadStats, keep_shard: Callable[[i
         if keep_shard is not None and not keep_shard(j):
             continue
         for pos, sample in enumerate(shard_samples(url, stats)):
-            if (keep is None or keep(offset + pos)) and (item := decode_or_skip(sample, shards.shape, stats)):
+            if (keep is None or keep(offset + pos)) and (item := decode_or_skip(sample, shards, stats)):
                 yield item[0], item[1], offset + pos
+
+
+def _local(url: str) -> bool:
+    return not url.startswith("pipe:") and "://" not in url
+
+
+def _stamp(url: str) -> list[int] | None:
+    """(size, mtime) of a local shard, so that a rewritten shard invalidates the cached index."""
+    if not _local(url):
+        return None
+    st = os.stat(url)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def split_urls(folder: Path, split: str, urls: str) -> list[str]:
+    """The shards of a split without a manifest: the URL spec when given, else folder/{split}-*.tar."""
+    if urls:
+        return wds.shardlists.expand_urls(urls)
+    return [str(p) for p in sorted(folder.glob(f"{split}-*.tar"))]
+
+
+def scan_split(urls: list[str], foreign: ForeignFormat, progress: bool = False) -> dict:
+    """Count the samples of each shard in one pass, refusing duplicate keys and unsafe member names."""
+    from tqdm.auto import tqdm
+
+    counts, without_image, first_seen = [], 0, {}
+    stats = ReadStats(strict=True)  # a shard that cannot be read at all must not get a count
+    for j, url in enumerate(tqdm(urls, desc="indexing shards", unit="shard", disable=not progress)):
+        n = 0
+        for sample in shard_samples(url, stats):
+            key = sample["__key__"]
+            if unsafe_key(key):
+                raise ShardFormatError(f"shard {url}: member name {key!r} points outside the shard's folder: refused")
+            if key in first_seen:
+                raise ShardFormatError(f"shard {url}: key {key!r} appears twice (first in {urls[first_seen[key]]})")
+            first_seen[key] = j
+            without_image += not any(k in sample for k in foreign.image_keys)
+            n += 1
+        counts.append(n)
+    return {"urls": urls, "counts": counts, "stamps": [_stamp(u) for u in urls], "without_image": without_image}
+
+
+def foreign_split(folder: str | Path, split: str, train_urls: str, test_urls: str, foreign: ForeignFormat,
+                  channels: int, size: int) -> SplitShards:
+    """A split of shards written by another tool (no manifest): counts from folder/shard_index.json when
+    it matches the shards (same URLs, same local sizes and times), else from one scan, then cached there.
+
+    A user may also write that file (see `scan_split` for its fields) to skip the scan. The train and
+    test shards must not overlap.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist (data.shards: a shard folder)")
+    lists = {"train": split_urls(folder, "train", train_urls), "test": split_urls(folder, "test", test_urls)}
+    for name, listed in lists.items():
+        if not listed:
+            raise FileNotFoundError(
+                f"{folder} has no {MANIFEST} and no {name}-*.tar shards: make shards with scripts/make_shards.sh, "
+                f"or name the {name} shards of another tool with data.{name}_urls "
+                f"(e.g. \"{folder}/{{00000..00099}}.tar\")")
+    if set(lists["train"]) & set(lists["test"]):
+        raise ValueError(f"the train and test shards overlap ({sorted(set(lists['train']) & set(lists['test']))[:3]} "
+                         "...): test figures would be measured on training images")
+    urls = lists[split]
+    index_path = folder / INDEX
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    entry = index.get(split)
+    if not entry or entry.get("urls") != urls or entry.get("stamps", [None] * len(urls)) != [_stamp(u) for u in urls]:
+        entry = scan_split(urls, foreign, progress=True)
+        index[split] = entry
+        try:
+            tmp = folder / f".{INDEX}.{os.getpid()}"
+            tmp.write_text(json.dumps(index, indent=1))
+            os.replace(tmp, index_path)
+        except OSError as e:
+            warnings.warn(f"cannot cache the shard index in {folder} ({e}); every run will scan again", stacklevel=2)
+    if len(entry["counts"]) != len(urls):
+        raise ValueError(f"{index_path}: {len(entry['counts'])} counts for {len(urls)} {split} shards")
+    if entry.get("without_image"):
+        warnings.warn(f"{entry['without_image']} {split} samples hold none of the image keys "
+                      f"{', '.join(foreign.image_keys)}: they will be skipped (data.image_keys)", stacklevel=2)
+    return SplitShards(urls, list(entry["counts"]), (channels, size, size), foreign)
 
 
 def read_split(location: str | Path, split: str, strict: bool = False, stats: ReadStats | None = None) -> ImageData:
@@ -205,66 +318,3 @@ def read_split(location: str | Path, split: str, strict: bool = False, stats: Re
     if not items:
         raise ValueError(f"no readable samples in the {split} split of {location}")
     return ImageData(torch.stack([x for x, _, _ in items]).numpy(), np.asarray([y for _, y, _ in items]))
-
-
-def make_shards(source: str, out_dir: str | Path, *, root: str = "", channels: int | None = None,
-                center_crop: int | None = None, resize: int | None = None, patch: int = 32,
-                download: bool = False, maxcount: int = 2000, shuffle_seed: int | None = 0,
-                progress: bool = False) -> dict:
-    """Write train and test shards of a source and the manifest; returns the manifest.
-
-    The train split is written in a random order (shuffle_seed; None keeps the source order), the
-    test split in source order.
-    """
-    def load(split: str) -> ImageData:
-        if source in BUILT_IN:
-            return BUILT_IN[source](split) if source != "photo-patches" else BUILT_IN[source](split, patch)
-        if source == "folder":
-            return load_folder(root, split)
-        if source == "npz":
-            return load_npz(Path(root) / f"{split}.npz")
-        if source in ("cifar10", "mnist"):
-            return load_torchvision(source, root, split, download)
-        choices = ", ".join([*BUILT_IN, "folder", "npz", "cifar10", "mnist"])
-        raise ValueError(f"unknown source {source!r}; choose from {choices}")
-
-    manifest = {"source": source, "root": str(root), "splits": {},
-                "options": {"channels": channels, "center_crop": center_crop, "resize": resize, "patch": patch}}
-    for split in ("train", "test"):
-        data = convert(load(split), channels, center_crop, resize)
-        seed = shuffle_seed if split == "train" else None
-        manifest["splits"][split] = write_shards(data, out_dir, split, maxcount, seed, progress) | {"source": source}
-    (Path(out_dir) / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return manifest
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="make_shards.sh", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="mnist5k | digits | photo-patches | folder | npz | cifar10 | mnist")
-    p.add_argument("out_dir")
-    p.add_argument("--root", default="", help="folder (folder: images; npz: train.npz/test.npz; torchvision)")
-    p.add_argument("--channels", type=int, default=None, help="convert to 1 or 3 channels")
-    p.add_argument("--center-crop", type=int, default=None)
-    p.add_argument("--resize", type=int, default=None)
-    p.add_argument("--patch", type=int, default=32, help="photo-patches: patch size")
-    p.add_argument("--download", action="store_true", help="torchvision sources: download if missing")
-    p.add_argument("--maxcount", type=int, default=2000, help="samples per shard")
-    p.add_argument("--shuffle-seed", type=int, default=0, help="order of the train samples in the shards")
-    p.add_argument("--no-shuffle", action="store_true", help="write the train split in source order")
-    args = p.parse_args(argv)
-    try:
-        manifest = make_shards(args.source, args.out_dir, root=args.root, channels=args.channels,
-                               center_crop=args.center_crop, resize=args.resize, patch=args.patch,
-                               download=args.download, maxcount=args.maxcount,
-                               shuffle_seed=None if args.no_shuffle else args.shuffle_seed, progress=True)
-    except (FileNotFoundError, ValueError, KeyError, TypeError, ModuleNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps({k: {kk: v[kk] for kk in ("count", "shape", "shards")} for k, v in manifest["splits"].items()},
-                     indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

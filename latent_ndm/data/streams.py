@@ -21,6 +21,7 @@ import itertools
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,18 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from latent_ndm.config import ConfigError, DataConfig
 from latent_ndm.core.noise import Noise, keyed_generator
-from latent_ndm.data.shards import ReadStats, SplitShards, decode_or_skip, iterate_split, shard_samples, split_shards
+from latent_ndm.data.images import Conversion
+from latent_ndm.data.shards import (
+    ForeignFormat,
+    ReadStats,
+    SplitShards,
+    decode_or_skip,
+    foreign_split,
+    has_manifest,
+    iterate_split,
+    shard_samples,
+    split_shards,
+)
 
 
 def process_group() -> tuple[int, int]:
@@ -40,7 +52,12 @@ def process_group() -> tuple[int, int]:
 
 
 def open_split(cfg: DataConfig, split: str) -> SplitShards:
-    """The shards of a split, checked against the configured image shape."""
+    """The shards of a split: the project's (checked against the configured image shape), or, in a
+    folder without a manifest, another tool's (converted to the configured shape on reading)."""
+    if not has_manifest(cfg.shards) and Path(cfg.shards).is_dir():
+        keys = tuple(k.strip().lower() for k in cfg.image_keys.split(",") if k.strip())
+        foreign = ForeignFormat(keys, cfg.label_key, Conversion(channels=cfg.channels, resize=cfg.image_size))
+        return foreign_split(cfg.shards, split, cfg.train_urls, cfg.test_urls, foreign, cfg.channels, cfg.image_size)
     shards = split_shards(cfg.shards, split, cfg.train_urls if split == "train" else cfg.test_urls)
     want = (cfg.channels, cfg.image_size, cfg.image_size)
     if shards.shape != want:
@@ -122,7 +139,7 @@ class LaneStream(IterableDataset):
                 g = keyed_generator("cpu", self.seed, "samples", lane, epoch, j)
                 order, flips = torch.randperm(len(samples), generator=g), torch.rand(len(samples), generator=g) < 0.5
                 for p in order[skip:].tolist():
-                    item = decode_or_skip(samples[p], shards.shape, stats)
+                    item = decode_or_skip(samples[p], shards, stats)
                     if item is None:
                         continue
                     good += 1

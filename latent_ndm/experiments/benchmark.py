@@ -15,6 +15,10 @@ network) in the baseline's place: the same objective, batch and optimizer, anoth
 alone (forward and backward), fp32 and bf16, NCHW and channels_last, as FLOP/s and share of the matmul
 peak measured beside them: an upper bound on what the step's MFU can reach on this machine.
 
+`python -m latent_ndm.experiments.benchmark shards [--images 20000] [--large 80000]`: make_shards on a
+synthetic mixed-size folder, images/s with 1 and 2 workers and peak memory at two folder sizes
+(latent_ndm/experiments/benchmark_shards.py).
+
 `python -m latent_ndm.experiments.benchmark data [--images 8192]`: decoded images per second from local shards
 (28x28 MNIST subset, 32x32 photo patches) with 1 and 2 decoding workers, beside the images per
 second the quickstart's training consumes (its config, batch 32, NDM and baseline).
@@ -38,8 +42,8 @@ from tqdm.auto import tqdm
 
 from latent_ndm.config import DataConfig, load_config
 from latent_ndm.core.noise import Noise
-from latent_ndm.data.shards import make_shards
 from latent_ndm.data.streams import train_batches
+from latent_ndm.data.writer import make_shards
 from latent_ndm.experiments.benchmark_convs import _sync, conv_rate, conv_shapes, convs, matmul_peak  # noqa: F401 (API)
 from latent_ndm.experiments.benchmark_report import convs_markdown, markdown, write_report
 from latent_ndm.nets.build import build_loss, build_ndm
@@ -268,8 +272,12 @@ def data(config: str, images: int, batch_size: int = 256) -> dict:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["shards"]:  # its own options: latent_ndm/experiments/benchmark_shards.py
+        from latent_ndm.experiments.benchmark_shards import main as shards_main
+
+        return shards_main(sys.argv[2:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["speed", "data", "convs"])
+    p.add_argument("what", choices=["speed", "data", "convs", "shards"])
     p.add_argument("--config", default="configs/bench_cifar_size.yaml")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=3, help="steps per variant per round")

@@ -82,7 +82,7 @@ def run(trials: int, steps: int, ckpt_every: int, out: Path, shards: Path | None
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
     if shards is None:
-        from latent_ndm.data.shards import make_shards
+        from latent_ndm.data.writer import make_shards
 
         shards = out / "mnist5k"
         if not (shards / "manifest.json").is_file():

@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"error: unknown model(s) {sorted(unknown)}; choose from {', '.join(MODELS)}")
     if not (Path(args.shards) / "manifest.json").is_file():
-        from latent_ndm.data.shards import make_shards
+        from latent_ndm.data.writer import make_shards
 
         make_shards("mnist5k", args.shards)
     results, commands, seconds = {}, {}, {}

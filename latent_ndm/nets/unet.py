@@ -45,6 +45,10 @@ UNET_SIZES: dict[str, dict[str, Any]] = {
     "ddpmpp_cifar10": dict(
         channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,), dropout=0.1
     ),
+    # VDM's ImageNet networks (Kingma et al. 2021, google-research/vdm configs): no downsampling, 256
+    # channels, 32 (64x64: 64) residual blocks down and one more up, attention only in the middle.
+    "vdm_imagenet32": dict(channels=256, channel_mult=(1,), num_res_blocks=32, attn_resolutions=(), dropout=0.1),
+    "vdm_imagenet64": dict(channels=256, channel_mult=(1,), num_res_blocks=64, attn_resolutions=(), dropout=0.1),
 }
 
 

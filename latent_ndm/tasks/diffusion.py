@@ -18,7 +18,7 @@ from latent_ndm.config import LatentRunConfig, RunConfig
 from latent_ndm.core.loss import NDMLoss
 from latent_ndm.core.model import ImageModel
 from latent_ndm.core.noise import Noise
-from latent_ndm.data.shards import SplitShards
+from latent_ndm.data.shards import SplitShards, dataset_version
 from latent_ndm.data.streams import cached_eval_examples, eval_examples, train_batches
 from latent_ndm.evaluation.nelbo import evaluate_nelbo
 from latent_ndm.sampling.samplers import ancestral
@@ -102,6 +102,8 @@ def diffusion_task(cfg: RunConfig | LatentRunConfig, model: ImageModel, objectiv
         images, ids, skipped = eval_examples(cfg.data, "test", e.final_examples, 0, 1)
         report = {"nelbo": evaluate_nelbo(m, images, ids, e.num_steps, e.batch_size, e.repeats, e.seed),
                   "skipped_unreadable": skipped}
+        if version := dataset_version(cfg.data.shards):
+            report["dataset_version"] = version
         (run_dir / "test_report.json").write_text(json.dumps(report, indent=2) + "\n")
 
     return Task(model, objective, stream, evaluate, sample, finish=finish, param_groups=param_groups)

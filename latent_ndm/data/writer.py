@@ -21,6 +21,8 @@ import sys
 import tarfile
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +68,7 @@ class ShardSink:
             info.size, info.mtime, info.mode = len(payload), TAR_MTIME, 0o444
             info.uname = info.gname = "latent-ndm"
             self.tar.addfile(info, _Reader(payload))
+        self.tar.members = []  # TarFile keeps every header it wrote: memory would grow with the shard
         self.counts[-1] += 1
 
     def _next(self) -> None:
@@ -105,8 +108,9 @@ class _Reader:
 def _converted(split: SplitSource, order: np.ndarray, conv: Conversion, workers: int) -> Iterator[tuple]:
     """(source index, (png, error, shape, upscaled)) for every index in `order`, in that order.
 
-    With workers > 1, chunks go to a process pool; at most 4 chunks per worker are in flight, so
-    memory stays flat however many images there are.
+    With workers > 1, chunks go to worker processes; at most 4 chunks per worker are in flight, so
+    memory stays flat however many images there are. (Like all of multiprocessing, this needs a main
+    module that can be imported again: a script file, `python -m`, or an interactive session.)
     """
     chunks = (order[k : k + CHUNK] for k in range(0, len(order), CHUNK))
     if workers <= 1:
@@ -114,20 +118,27 @@ def _converted(split: SplitSource, order: np.ndarray, conv: Conversion, workers:
             yield from zip(idx.tolist(), encode_items([split.item(i) for i in idx.tolist()], conv))
         return
     # forkserver: workers start from a clean interpreter that imports only what the tasks need
-    # (PIL, numpy), not the parent's torch; fork after threads have started is unsafe.
+    # (PIL, numpy), not the parent's torch; fork after threads have started is unsafe. An executor,
+    # not a Pool: a worker that dies (killed, out of memory) raises BrokenProcessPool instead of a hang.
     ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     if ctx.get_start_method() == "forkserver":
         ctx.set_forkserver_preload(["latent_ndm.data.images", "latent_ndm.data.sources"])
-    with ctx.Pool(workers) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=ctx)
+    try:
         pending: deque = deque()
         for idx in chunks:
-            pending.append((idx, pool.apply_async(encode_items, ([split.item(i) for i in idx.tolist()], conv))))
+            pending.append((idx, pool.submit(encode_items, [split.item(i) for i in idx.tolist()], conv)))
             if len(pending) >= 4 * workers:
                 idx, result = pending.popleft()
-                yield from zip(idx.tolist(), result.get())
+                yield from zip(idx.tolist(), result.result())
         while pending:
             idx, result = pending.popleft()
-            yield from zip(idx.tolist(), result.get())
+            yield from zip(idx.tolist(), result.result())
+    except BrokenProcessPool as e:
+        raise RuntimeError(f"a conversion worker died ({e}); rerun with --workers 1 to see the cause in-process, "
+                           "or check memory limits") from e
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def write_split(split: SplitSource, out_dir: str | Path, name: str, conv: Conversion | None = None,
@@ -288,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                                maxcount=args.maxcount, shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
                                workers=args.workers, skip_bad=args.skip_bad, test_fraction=args.test_fraction,
                                test_folder=args.test_folder, progress=True)
-    except (FileNotFoundError, ValueError, KeyError, TypeError, ModuleNotFoundError) as e:
+    except (FileNotFoundError, ValueError, KeyError, TypeError, ModuleNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     summary = {k: {kk: v[kk] for kk in ("count", "shape", "skipped", "upscaled")} | {"shards": len(v["shards"])}

@@ -5,7 +5,7 @@ mixed-size images (40-300 px a side, any aspect; 80% RGB JPEG, 10% grey JPEG, 10
 content so the files stay small), then shards it to size x size with a 5% hold-out, each run in a fresh
 process: the first `--images` images with 1 and with 2 workers (images/s, and whether the shards are
 byte-identical), and all `--large` images with 2 workers. Peak memory is the largest resident set of
-the writing process and, separately, of its workers (getrusage), so the two folder sizes compare directly.
+the writing process and, separately, of its largest worker (Linux /proc), so the two folder sizes compare directly.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -56,21 +56,64 @@ def synthetic_folder(root: Path, n: int, workers: int = 2) -> None:
             pass
 
 
+def _descendants(pid: int) -> list[int]:
+    children = {}
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+            children.setdefault(int(fields["PPid"]), []).append(int(status.parent.name))
+        except (OSError, KeyError, ValueError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _peak_kib(pid: int) -> int:
+    """A process's peak resident set so far (VmHWM), 0 when it is gone."""
+    try:
+        line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1])
+    except (OSError, StopIteration):
+        return 0
+
+
 def run_once(root: str, out: str, workers: int, size: int) -> dict:
-    """One make_shards run in this (fresh) process; its time, output digest and peak memory."""
+    """One make_shards run in this (fresh) process; its time, output digest and peak memory.
+
+    Peak memory is VmHWM (Linux /proc): getrusage's ru_maxrss would include the parent's resident set
+    from before exec, and does not see the conversion workers (children of the forkserver, not of this
+    process), whose peaks a thread reads every 0.2 s.
+    """
     from latent_ndm.data.writer import make_shards
 
+    worker_peak, done = [0], threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.2):
+            for pid in _descendants(os.getpid()):
+                worker_peak[0] = max(worker_peak[0], _peak_kib(pid))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     t0 = time.perf_counter()
     manifest = make_shards("folder", out, root=root, resize=size, test_fraction=0.05, workers=workers, maxcount=5000)
     seconds = time.perf_counter() - t0
+    done.set()
+    watcher.join()
     digest = hashlib.sha256()
     for tar in sorted(Path(out).glob("*.tar")):
-        digest.update(tar.name.encode() + tar.read_bytes())
+        digest.update(tar.name.encode())
+        with open(tar, "rb") as f:  # in pieces: reading a whole shard would itself raise the peak
+            while block := f.read(1 << 20):
+                digest.update(block)
     count = sum(s["count"] for s in manifest["splits"].values())
-    # ru_maxrss is in KiB on Linux; RUSAGE_CHILDREN: the largest of the finished worker processes.
     return {"images": count, "seconds": seconds, "images_per_sec": count / seconds, "sha256": digest.hexdigest(),
-            "peak_rss_mib_writer": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_rss_mib_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+            "peak_rss_mib_writer": _peak_kib(os.getpid()) / 1024,
+            "peak_rss_mib_worker": worker_peak[0] / 1024,
             "torch_imported": "torch" in sys.modules}
 
 

@@ -4,7 +4,7 @@
     pipe = load_pipeline("runs/ndm_mnist")          # a run directory or a saved model, pixel or latent
     images = pipe.sample(16, sampler="ancestral", steps=100)
 
-The public names below are imported on first use, so that `python -m latent_ndm.data.shards` and
+The public names below are imported on first use, so that `python -m latent_ndm.data.writer` and
 friends do not pay for the whole library. The layout is described in docs/ARCHITECTURE.md.
 """
 

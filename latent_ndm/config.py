@@ -90,7 +90,7 @@ class DataConfig:
     # (without a manifest: SHARDS/train-*.tar)
     test_urls: str = ""  # the same for the test shards
     image_keys: str = "jpg,jpeg,png,webp"  # other tools' shards: the sample fields that may hold the image
-    label_key: str = "cls"  # other tools' shards: the label's field, or json.FIELD for a field of the .json
+    label_key: str = "cls"  # other tools' shards: the label's field, json.FIELD for a field of the .json, or none
     channels: int = 1  # checked against the manifest
     image_size: int = 28
     hflip: bool = False  # random horizontal flips of training images

@@ -68,6 +68,16 @@ def test_images_labels_and_exact_resume(webdataset_jpg_shards: Path) -> None:
     assert sorted(set(labels)) == list(range(10))
 
 
+def test_an_unfinished_make_shards_folder_is_never_read(tmp_path: Path) -> None:
+    from latent_ndm.data.writer import INCOMPLETE, make_shards
+
+    make_shards("digits", tmp_path, maxcount=500)
+    (tmp_path / "manifest.json").unlink()
+    (tmp_path / INCOMPLETE).write_text("")  # as a make_shards run stopped half-way leaves it
+    with pytest.raises(FileNotFoundError, match="was not finished"):
+        open_split(cfg_for(tmp_path, image_size=8), "train")
+
+
 def test_two_training_steps_from_webdataset_jpg_shards(webdataset_jpg_shards: Path, tmp_path: Path) -> None:
     nets = [f"model.{n}.{o}" for n in ("denoiser", "transform_net") for o in ("channels=8", "channel_mult=[1,2]",
                                                                              "groups=4")]
@@ -127,6 +137,22 @@ def test_refused_member_names_duplicate_keys_and_overlapping_splits(tmp_path: Pa
         open_split(cfg, "train")
     (folder / "train-000001.tar").unlink()
     assert open_split(cfg, "train").counts == [2]  # the changed shards were scanned again
+    # Counts the user writes are trusted; a shard with more samples than its count stops the run.
+    index = json.loads((folder / INDEX).read_text())
+    index["train"] = {"urls": index["train"]["urls"], "counts": [1]}
+    (folder / INDEX).write_text(json.dumps(index))
+    assert open_split(cfg, "train").counts == [1]
+    with pytest.raises(ShardFormatError, match="holds 2 samples but its manifest or index says 1"):
+        next(train_batches(cfg, 2, 0))
+    (folder / INDEX).unlink()
+    with tarfile.open(folder / "train-000000.tar", "w") as tar:
+        for member, payload in (("a.png", png.getvalue()), ("a.cls", b"cat")):
+            info = tarfile.TarInfo(member)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    with pytest.raises(ShardFormatError, match=r"key 'a': the label under 'cls' is not an integer"):
+        open_split(cfg, "train")
+    assert open_split(cfg_for(folder, image_size=4, label_key="none"), "train").counts == [1]
     with pytest.raises(ValueError, match="the train and test shards overlap"):
         open_split(cfg_for(folder, image_size=4, test_urls=str(folder / "train-000000.tar")), "test")
     (folder / "test-000000.tar").unlink()

@@ -57,8 +57,10 @@ def test_folder_and_npz_sources(tmp_path: Path) -> None:
     np.savez(tmp_path / "a.npz", images=imgs[..., 0])  # stored: memory-mapped in place
     assert np.array_equal(load_npz(tmp_path / "a.npz").images, imgs[:, None, :, :, 0])
     np.savez_compressed(tmp_path / "c.npz", images=imgs, labels=np.arange(6))  # compressed: extracted first
-    with pytest.raises(ValueError, match="compressed"):
-        load_npz(tmp_path / "c.npz")
+    assert np.array_equal(load_npz(tmp_path / "c.npz").images, imgs.transpose(0, 3, 1, 2))
+    np.savez(tmp_path / "two.npz", images=imgs[..., :2])
+    with pytest.raises(ValueError, match="C = 1 or 3"):
+        load_npz(tmp_path / "two.npz")
     (tmp_path / "npz").mkdir()
     np.savez(tmp_path / "npz" / "train.npz", images=imgs, labels=np.arange(6))
     np.savez_compressed(tmp_path / "npz" / "test.npz", images=imgs[:2], labels=np.arange(2))

@@ -79,6 +79,9 @@ def test_modes_become_8_bit_grey_or_rgb() -> None:
     grey = Image.fromarray(np.full((2, 2), 9, np.uint8))
     assert convert_image(grey, Conversion(channels=3)).tolist() == [[[9, 9], [9, 9]]] * 3
     assert convert_image(Image.new("1", (2, 1), 1), conv).tolist() == [[[255, 255]]]
+    keyed = Image.fromarray(np.array([[7, 9]], np.uint8))
+    keyed.info["transparency"] = 9  # a PNG tRNS colour key: that grey level is transparent
+    assert convert_image(keyed, conv).tolist() == [[[7, 200]]]
 
 
 def test_non_square_images_are_cropped_to_the_short_side_then_resized() -> None:
@@ -132,9 +135,11 @@ def test_other_split_rules_and_their_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="overlap"):
         make_shards("folder", tmp_path / "s4", root=str(tmp_path / "a" / "train"), resize=8,
                     test_folder=str(tmp_path / "a" / "train" / "class0"))
-    (tmp_path / "b" / "train").mkdir(parents=True)
+    mixed_folder(tmp_path / "b" / "train", 20)
     with pytest.raises(ValueError, match="has a train/ sub-folder but no test/"):
         make_shards("folder", tmp_path / "s5", root=str(tmp_path / "b"))
+    manifest = make_shards("folder", tmp_path / "s5", root=str(tmp_path / "b"), resize=8, test_fraction=0.3)
+    assert sum(manifest["splits"][s]["count"] for s in ("train", "test")) == 20 and manifest["classes"] == 2
     # Mixed sizes without --resize: the error names the file and the flag that is missing.
     with pytest.raises(ValueError, match=r"img\d+\.(jpg|png) becomes .* pass --resize S"):
         make_shards("folder", tmp_path / "s6", root=str(tmp_path / "a"))

@@ -60,6 +60,8 @@ class Conversion:
 
 def _to_8bit(im: Image.Image, background: int) -> Image.Image:
     """im as mode L or RGB (see the module docstring)."""
+    if im.mode in ("L", "RGB") and "transparency" in im.info:  # a tRNS colour key: transparent pixels
+        im = im.convert("LA" if im.mode == "L" else "RGBA")
     if im.mode in ("L", "RGB"):
         return im
     if im.mode == "1":
@@ -171,4 +173,7 @@ def encode_items(items: list, conv: Conversion) -> list[tuple[bytes | None, str 
             out.append((encode_png(arr), None, tuple(arr.shape), _upscaled(*size, conv)))
         except BadImage as e:
             out.append((None, str(e), None, False))
+        except Exception as e:  # anything else a malformed file makes PIL raise (struct.error, EOFError, ...)
+            out.append((None, f"{item.name}: cannot read or convert this image ({type(e).__name__}: {e})", None,
+                        False))
     return out

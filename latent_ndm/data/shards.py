@@ -34,7 +34,7 @@ from PIL import Image
 
 from latent_ndm.data.images import Conversion, convert_image, open_image
 from latent_ndm.data.sources import ImageData
-from latent_ndm.data.writer import MANIFEST
+from latent_ndm.data.writer import INCOMPLETE, MANIFEST
 
 INDEX = "shard_index.json"
 
@@ -48,6 +48,9 @@ def load_manifest(location: str | Path) -> dict:
     path = Path(location)
     path = path if path.suffix == ".json" else path / MANIFEST
     if not path.is_file():
+        if list(path.parent.glob("*.tar")):
+            raise FileNotFoundError(f"{path.parent} holds tar shards but no {MANIFEST}: this needs shards made by "
+                                    "scripts/make_shards.sh (training and evaluation also read other tools' shards)")
         raise FileNotFoundError(f"{path} not found: make shards first, e.g. "
                                 f"scripts/make_shards.sh mnist5k {path.parent}")
     return json.loads(path.read_text())
@@ -159,6 +162,9 @@ def shard_samples(url: str, stats: ReadStats) -> Iterator[dict]:
 
 
 def _label(sample: dict, label_key: str) -> int:
+    """The sample's integer label under label_key ("cls", "json.FIELD" or "none"); -1 when absent."""
+    if label_key == "none":
+        return -1
     if label_key.startswith("json."):
         if "json" not in sample:
             return -1
@@ -190,14 +196,17 @@ def decode_sample(sample: dict, shape: tuple[int, int, int], foreign: ForeignFor
             raise ShardFormatError(f"{where}: array is {arr.dtype} {list(arr.shape)} but the manifest says "
                                    f"float32 {list(shape)}")
         return torch.from_numpy(arr.copy()), int(sample.get("cls", -1))  # np.load of bytes is read-only
-    with Image.open(io.BytesIO(sample["png"])) as im:
-        if im.mode in ("1", "P"):  # bilevel and palette images (from other writers) as 8-bit grey / RGB
-            im = im.convert("L" if im.mode == "1" else "RGB")
-        if im.mode not in ("L", "LA", "RGB", "RGBA"):
-            raise ValueError(f"{where}: unsupported image mode {im.mode!r} (expected 8-bit grey or RGB)")
-        bands, (w, h) = len(im.getbands()), im.size
-        # bytearray: a writable buffer (torch refuses read-only ones); much faster than np.array(im).
-        arr = np.frombuffer(bytearray(im.tobytes()), dtype=np.uint8).reshape(h, w, bands).transpose(2, 0, 1)
+    try:
+        with Image.open(io.BytesIO(sample["png"])) as im:
+            if im.mode in ("1", "P"):  # bilevel and palette images (from other writers) as 8-bit grey / RGB
+                im = im.convert("L" if im.mode == "1" else "RGB")
+            if im.mode not in ("L", "LA", "RGB", "RGBA"):
+                raise ValueError(f"unsupported image mode {im.mode!r} (expected 8-bit grey or RGB)")
+            bands, (w, h) = len(im.getbands()), im.size
+            # bytearray: a writable buffer (torch refuses read-only ones); much faster than np.array(im).
+            arr = np.frombuffer(bytearray(im.tobytes()), dtype=np.uint8).reshape(h, w, bands).transpose(2, 0, 1)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ValueError(f"{where}: {e}") from e
     if tuple(arr.shape) != tuple(shape):
         raise ShardFormatError(f"{where}: image is {list(arr.shape)} (C, H, W) but the manifest says {list(shape)}")
     return torch.from_numpy(np.ascontiguousarray(arr)), int(sample.get("cls", -1))
@@ -255,15 +264,23 @@ def scan_split(urls: list[str], foreign: ForeignFormat, progress: bool = False) 
     stats = ReadStats(strict=True)  # a shard that cannot be read at all must not get a count
     for j, url in enumerate(tqdm(urls, desc="indexing shards", unit="shard", disable=not progress)):
         n = 0
-        for sample in shard_samples(url, stats):
-            key = sample["__key__"]
-            if unsafe_key(key):
-                raise ShardFormatError(f"shard {url}: member name {key!r} points outside the shard's folder: refused")
-            if key in first_seen:
-                raise ShardFormatError(f"shard {url}: key {key!r} appears twice (first in {urls[first_seen[key]]})")
-            first_seen[key] = j
-            without_image += not any(k in sample for k in foreign.image_keys)
-            n += 1
+        try:
+            for sample in shard_samples(url, stats):
+                key = sample["__key__"]
+                if unsafe_key(key):
+                    raise ShardFormatError(f"member name {key!r} points outside the shard's folder: refused")
+                if key in first_seen:
+                    raise ShardFormatError(f"key {key!r} appears twice (first in {urls[first_seen[key]]})")
+                first_seen[key] = j
+                without_image += not any(k in sample for k in foreign.image_keys)
+                try:
+                    _label(sample, foreign.label_key)
+                except (ValueError, TypeError, AttributeError) as e:
+                    raise ShardFormatError(f"key {key!r}: the label under {foreign.label_key!r} is not an integer "
+                                           f"({e}); set data.label_key (cls, json.FIELD, or none)") from e
+                n += 1
+        except Exception as e:  # webdataset's own errors (e.g. a member repeated) name neither shard nor key
+            raise ShardFormatError(f"shard {url}: {e.args[0] if e.args else e}") from e
         counts.append(n)
     return {"urls": urls, "counts": counts, "stamps": [_stamp(u) for u in urls], "without_image": without_image}
 
@@ -273,12 +290,17 @@ def foreign_split(folder: str | Path, split: str, train_urls: str, test_urls: st
     """A split of shards written by another tool (no manifest): counts from folder/shard_index.json when
     it matches the shards (same URLs, same local sizes and times), else from one scan, then cached there.
 
-    A user may also write that file (see `scan_split` for its fields) to skip the scan. The train and
-    test shards must not overlap.
+    A user may also write that file to skip the scan: {"train": {"urls": [...], "counts": [...]}, "test":
+    ...}, the URLs as data.train_urls / data.test_urls expand (or the folder's {split}-*.tar). Such an
+    entry (without "stamps") is trusted; a shard holding more samples than its count stops the run. The
+    train and test shards must not overlap.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist (data.shards: a shard folder)")
+    if (folder / INCOMPLETE).exists() or list(folder.glob("*.tar.partial")):
+        raise FileNotFoundError(f"{folder} is a make_shards folder that was not finished (no {MANIFEST}): run "
+                                "scripts/make_shards.sh again")
     lists = {"train": split_urls(folder, "train", train_urls), "test": split_urls(folder, "test", test_urls)}
     for name, listed in lists.items():
         if not listed:
@@ -293,7 +315,8 @@ def foreign_split(folder: str | Path, split: str, train_urls: str, test_urls: st
     index_path = folder / INDEX
     index = json.loads(index_path.read_text()) if index_path.is_file() else {}
     entry = index.get(split)
-    if not entry or entry.get("urls") != urls or entry.get("stamps", [None] * len(urls)) != [_stamp(u) for u in urls]:
+    # An entry without stamps was written by the user (urls and counts): trusted as it is.
+    if not entry or entry.get("urls") != urls or ("stamps" in entry and entry["stamps"] != [_stamp(u) for u in urls]):
         entry = scan_split(urls, foreign, progress=True)
         index[split] = entry
         try:

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import struct
+import tempfile
 import zipfile
 from array import array
 from collections.abc import Callable, Iterator
@@ -96,13 +97,26 @@ class RowItem:
     layout: str  # "chw": a flattened channel-first row; "hw": one grey image; "hwc": channels last
 
     def load(self) -> np.ndarray:
-        row = np.array(_memmap(*self.mapping)[self.row])
+        path, offset, dtype, shape, fortran = self.mapping
+        if fortran:
+            row = np.array(_memmap(*self.mapping)[self.row])
+        else:  # one read of the row's bytes: memory-mapped pages would stay resident (and count) after use
+            size = int(np.prod(shape[1:]))
+            data = os.pread(_fd(path), size, offset + self.row * size)
+            if len(data) != size:
+                raise BadImage(f"{self.name}: the file ends before this row (truncated?)")
+            row = np.frombuffer(data, np.uint8).reshape(shape[1:]).copy()
         if self.layout == "hw":
             return row[None]
         if self.layout == "hwc":
             return row.transpose(2, 0, 1)
         side = int(round((row.size // 3) ** 0.5))
         return row.reshape(3, side, side)
+
+
+@lru_cache(maxsize=64)
+def _fd(path: str) -> int:
+    return os.open(path, os.O_RDONLY)
 
 
 @lru_cache(maxsize=64)
@@ -172,7 +186,7 @@ class PathList:
         self.blob, self.ends = bytearray(), array("Q")
 
     def append(self, path: str) -> None:
-        self.blob += path.encode("utf-8")
+        self.blob += path.encode("utf-8", "surrogateescape")  # any bytes the file system allows
         self.ends.append(len(self.blob))
 
     def __len__(self) -> int:
@@ -180,7 +194,7 @@ class PathList:
 
     def __getitem__(self, i: int) -> str:
         start = self.ends[i - 1] if i > 0 else 0
-        return self.blob[start : self.ends[i]].decode("utf-8")
+        return self.blob[start : self.ends[i]].decode("utf-8", "surrogateescape")
 
     def __iter__(self) -> Iterator[str]:
         return (self[i] for i in range(len(self)))
@@ -382,17 +396,19 @@ def npz_split(path: str | Path, key: str = "images", label_key: str = "labels",
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     mapping, shape = npz_array(path, key, extract_dir)
-    if len(shape) not in (3, 4):
-        raise ValueError(f"{path}:{key} must be N x H x W or N x H x W x C, got shape {list(shape)}")
+    if len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3)):
+        raise ValueError(f"{path}:{key} must be N x H x W (grey) or N x H x W x C with C = 1 or 3, "
+                         f"got shape {list(shape)}")
     return RowSplit([(str(path), mapping, shape[0])], npz_labels(path, label_key, shape[0]),
                     "hw" if len(shape) == 3 else "hwc")
 
 
 def load_npz(path: str | Path, key: str = "images", label_key: str = "labels") -> ImageData:
     """A whole .npz split in memory as [N, C, H, W] (small data, tests)."""
-    split = npz_split(path, key, label_key)
-    return ImageData(np.stack([split.item(i).load() for i in range(len(split))]),
-                     np.array([split.label(i) for i in range(len(split))]))
+    with tempfile.TemporaryDirectory() as tmp:
+        split = npz_split(path, key, label_key, Path(tmp))
+        return ImageData(np.stack([split.item(i).load() for i in range(len(split))]),
+                         np.array([split.label(i) for i in range(len(split))]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,7 +481,7 @@ def scan_folder(base: str | Path, skip_bad: bool = False) -> FolderScan:
 def held_out(relpath: str, fraction: float) -> bool:
     """Deterministic hold-out: the image is in the test split iff a hash of its relative path falls
     below `fraction`. Adding or removing other images never moves it between splits."""
-    h = int.from_bytes(hashlib.sha256(relpath.encode("utf-8")).digest()[:8], "big")
+    h = int.from_bytes(hashlib.sha256(relpath.encode("utf-8", "surrogateescape")).digest()[:8], "big")
     return h < fraction * 2.0**64
 
 
@@ -488,6 +504,8 @@ def folder_source(root: str | Path, test_fraction: float | None = None, test_fol
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
     has_train, has_test = (root / "train").is_dir(), (root / "test").is_dir()
+    if has_train and not has_test and (test_fraction is not None or test_folder is not None):
+        root, has_train = root / "train", False  # hold the test images out of train/ (its folders are classes)
     if test_fraction is not None and not 0 < test_fraction < 1:
         raise ValueError(f"--test-fraction must be between 0 and 1, got {test_fraction}")
     if has_train and has_test:

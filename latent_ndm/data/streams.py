@@ -8,8 +8,9 @@ split those lanes between them. Everything random is keyed by (seed, lane, epoch
 - processes see disjoint samples within a step, and every process gets one batch per step
   forever (no uneven ends that would hang data parallelism);
 - with a fixed `data.lanes`, 1, 2 or 8 processes see the same global batches;
-- resuming at step k skips whole shards by their manifest counts: the stream continues exactly
-  (on clean data; each skipped unreadable sample shifts the resumed stream by one).
+- resuming at step k skips whole shards by their manifest counts: the stream continues exactly,
+  also over unreadable samples (every step covers fixed stream positions; an unreadable sample's
+  place is taken by another sample of the same step and lane).
 
 Evaluation: one deterministic pass in which each test example belongs to exactly one process
 (whole shards per process when there are enough, otherwise every W-th example).
@@ -34,6 +35,7 @@ from latent_ndm.data.images import Conversion
 from latent_ndm.data.shards import (
     ForeignFormat,
     ReadStats,
+    ShardFormatError,
     SplitShards,
     decode_or_skip,
     foreign_split,
@@ -116,15 +118,28 @@ class LaneStream(IterableDataset):
                 yield {"step": step, "lane": lane, "images": images, "ids": ids, "skipped": skipped}
 
     def _chunks(self, lane: int) -> Iterator[tuple[Tensor, Tensor, int]]:
+        """Each step's `chunk` stream positions of the lane. A position whose sample is unreadable takes
+        the next readable sample of the same chunk (cyclically) or, when the chunk has none, the lane's
+        latest readable one: steps always cover the same positions, so resuming stays exact on bad data."""
         stats = ReadStats(self.strict)
-        samples = self._samples(lane, stats)
+        slots = self._slots(lane, stats)
+        spare: tuple[Tensor, int] | None = None
         while True:
             before = stats.skipped
-            items = [next(samples) for _ in range(self.chunk)]
-            yield torch.stack([x for x, _ in items]), torch.tensor([i for _, i in items]), stats.skipped - before
+            items = [next(slots) for _ in range(self.chunk)]
+            good = [item for item in items if item[0] is not None]
+            while not good and spare is None:  # only a lane's very first chunk can get here: read on
+                item = next(slots)
+                good = [item] if item[0] is not None else []
+            spare = good[-1] if good else spare
+            filled = [item if item[0] is not None else
+                      next((x for x in items[k + 1 :] + items[:k] if x[0] is not None), spare)
+                      for k, item in enumerate(items)]
+            yield torch.stack([x for x, _ in filled]), torch.tensor([i for _, i in filled]), stats.skipped - before
 
-    def _samples(self, lane: int, stats: ReadStats) -> Iterator[tuple[Tensor, int]]:
-        """Lane `lane`'s infinite stream of (image, id), starting where start_step leaves it."""
+    def _slots(self, lane: int, stats: ReadStats) -> Iterator[tuple[Tensor | None, int]]:
+        """Lane `lane`'s infinite stream of (image, id) by position, starting where start_step leaves it;
+        an unreadable sample gives (None, id)."""
         shards, total = self.shards, self.shards.count
         epoch, skip = divmod(self.start_step * self.chunk, total)
         while True:
@@ -132,15 +147,22 @@ class LaneStream(IterableDataset):
             g = keyed_generator("cpu", self.seed, "shards", lane, epoch)
             shard_order = torch.randperm(len(shards.urls), generator=g)
             for j in shard_order.tolist():
-                if skip >= shards.counts[j]:  # consumed before the resumed step: not even opened
-                    skip -= shards.counts[j]
+                count = shards.counts[j]
+                if skip >= count:  # consumed before the resumed step: not even opened
+                    skip -= count
                     continue
                 samples = list(shard_samples(shards.urls[j], stats))  # whole shard (encoded bytes) in memory
+                if len(samples) > count:
+                    raise ShardFormatError(f"{shards.urls[j]} holds {len(samples)} samples but its manifest or "
+                                           f"index says {count}: the shard was replaced; make or index it again")
+                stats.skipped += count - len(samples)  # a damaged shard: its missing samples count as skipped
+                # Permutations over the recorded count, so positions stay where they were in an intact shard.
                 g = keyed_generator("cpu", self.seed, "samples", lane, epoch, j)
-                order, flips = torch.randperm(len(samples), generator=g), torch.rand(len(samples), generator=g) < 0.5
+                order, flips = torch.randperm(count, generator=g), torch.rand(count, generator=g) < 0.5
                 for p in order[skip:].tolist():
-                    item = decode_or_skip(samples[p], shards, stats)
+                    item = decode_or_skip(samples[p], shards, stats) if p < len(samples) else None
                     if item is None:
+                        yield None, shards.offsets[j] + p
                         continue
                     good += 1
                     yield (item[0].flip(-1) if self.hflip and flips[p] else item[0]), shards.offsets[j] + p

@@ -7,8 +7,9 @@ per-shard counts, how the splits were made, what was skipped). Images are read, 
 same for any number of workers: same shards, same order, byte-identical tars (fixed tar headers).
 Memory does not grow with the number of images beyond the source's index (a folder's file list).
 
-A shard is written as NAME.partial and renamed when complete; the manifest is written last. A run
-that stops half-way leaves no manifest, so nothing can train on a partial folder.
+A shard is written as NAME.partial and renamed when complete; the manifest is written last, and a
+`.incomplete` marker lives in the folder until then. A run that stops half-way leaves no manifest and
+the marker, so nothing can train on a partial folder.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from latent_ndm.data.sources import (
 )
 
 MANIFEST = "manifest.json"
+INCOMPLETE = ".incomplete"  # present while make_shards writes a folder: nothing may read it meanwhile
 # Tar headers are fixed (time, owner, mode), so that the same images give byte-identical shards.
 TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z
 CHUNK = 32  # images per task sent to a conversion worker
@@ -158,8 +160,10 @@ def write_split(split: SplitSource, out_dir: str | Path, name: str, conv: Conver
         old.unlink()
     n = len(split)
     order = np.arange(n) if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(n)
+    if maxcount < 1:
+        raise ValueError(f"--maxcount must be at least 1, got {maxcount}")
     sink, shape, first = ShardSink(out_dir, name, maxcount), None, ""
-    skipped: list[str] = []
+    skipped, examples = 0, []
     upscaled = 0
     bar = tqdm(total=n, desc=f"{name} shards", unit="img", disable=not progress, smoothing=0.1)
     try:
@@ -168,7 +172,8 @@ def write_split(split: SplitSource, out_dir: str | Path, name: str, conv: Conver
             if error is not None:
                 if not skip_bad:
                     raise BadImage(f"{error} (pass --skip-bad to leave such images out)")
-                skipped.append(error)
+                skipped += 1
+                examples += [error][: 20 - len(examples)]
                 continue
             if shape is None:
                 shape, first = image_shape, split.item(i).name
@@ -186,10 +191,10 @@ def write_split(split: SplitSource, out_dir: str | Path, name: str, conv: Conver
     finally:
         bar.close()
     if shape is None:
-        raise ValueError(f"no image of the {name} split could be read ({len(skipped)} skipped; first: {skipped[:1]})")
+        raise ValueError(f"no image of the {name} split could be read ({skipped} skipped; first: {examples[:1]})")
     return {"count": sum(sink.counts), "shards": sink.names, "shard_counts": sink.counts,
             "shape": [int(s) for s in shape], "dtype": "uint8", "channels": int(shape[0]), "split": name,
-            "shuffled": shuffle_seed is not None, "skipped": len(skipped), "skipped_examples": skipped[:20],
+            "shuffled": shuffle_seed is not None, "skipped": skipped, "skipped_examples": examples,
             "upscaled": upscaled}
 
 
@@ -239,7 +244,10 @@ def make_shards(source: str, out_dir: str | Path, *, root: str = "", channels: i
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST).unlink(missing_ok=True)  # a folder being rewritten is never mistaken for a finished one
+    # A folder being (re)written is never mistaken for a finished one: no manifest until the end, and a
+    # marker that also stops it from being read as another tool's shards (latent_ndm.data.shards).
+    (out_dir / INCOMPLETE).write_text("make_shards has not finished writing this folder\n")
+    (out_dir / MANIFEST).unlink(missing_ok=True)
     extract_dir = out_dir / ".extracted"
     if channels is None and source in ("folder", "imagenet32-png", "imagenet64-png"):
         channels = 3
@@ -264,6 +272,7 @@ def make_shards(source: str, out_dir: str | Path, *, root: str = "", channels: i
     tmp = out_dir / (MANIFEST + ".partial")
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, out_dir / MANIFEST)
+    (out_dir / INCOMPLETE).unlink()
     return manifest
 
 

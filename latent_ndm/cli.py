@@ -119,12 +119,15 @@ def cmd_encode_latents(argv: list[str]) -> int:
     p.add_argument("shards_dir", help="the image shards (make_shards.sh) whose train split to encode")
     p.add_argument("out_dir", help="where to write train-NNNNNN.tar and manifest.json")
     p.add_argument("--batch-size", type=int, default=256, help="images per encoder call")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP.split(";")[0])
     args = p.parse_args(argv)
     from latent_ndm.data.latent_shards import encode_latents
+    from latent_ndm.runtime import announce, resolve_device
 
+    device = resolve_device(args.device)
+    announce("encode_latents", device, 1)
     t0 = time.perf_counter()
-    manifest = encode_latents(args.vae_dir, args.shards_dir, args.out_dir, args.batch_size, args.device, progress=True)
+    manifest = encode_latents(args.vae_dir, args.shards_dir, args.out_dir, args.batch_size, device, progress=True)
     train = manifest["splits"]["train"]
     print(json.dumps({"out_dir": args.out_dir, "count": train["count"], "shards": len(train["shards"]),
                       "latent_shape": manifest["latent_shape"], "vae": manifest["vae"],
@@ -165,6 +168,9 @@ def cmd_evaluate(argv: list[str]) -> int:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--shards", default=None, help="test shards to read (default: the run's data.shards)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--no-tf32", action="store_true", help="no TF32 anywhere (F and the bound never use it; this "
+                   "also keeps the denoiser and the VAE in full float32 on Ampere+ GPUs)")
     args = p.parse_args(argv)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = set(metrics) - {"nelbo", "ode_nll", "fd_mnist", "fid"}
@@ -179,39 +185,47 @@ def cmd_evaluate(argv: list[str]) -> int:
             inception_weights_path(args.inception_weights)
     from latent_ndm.data.shards import dataset_version
     from latent_ndm.data.streams import eval_examples, open_split
+    from latent_ndm.runtime import allow_tf32, announce
 
     from .pipeline import load_pipeline
 
-    pipe = load_pipeline(args.path, ema=not args.no_ema)
+    device, rank, world = _start("evaluate", args.device)
+    pipe = load_pipeline(args.path, ema=not args.no_ema, device=device)
     cfg = _run_config(pipe, args.path)
+    allow_tf32(cfg.train.tf32 and not args.no_tf32)
+    announce("evaluate", device, world, rank)
     if args.shards:
         cfg.data.shards, cfg.data.test_urls = args.shards, ""
     repeats = args.repeats or cfg.eval.repeats
     report: dict = {"path": str(args.path), "shards": cfg.data.shards,
-                    "test_images": open_split(cfg.data, "test").count}
+                    "test_images": open_split(cfg.data, "test").count, "device": str(device), "processes": world}
     if version := dataset_version(cfg.data.shards):  # e.g. which downsampled ImageNet: figures differ between them
         report["dataset_version"] = version
     # Evenly spaced subsets, not the first n: test sets are often sorted by class (the MNIST subset is).
     if "nelbo" in metrics:
-        images, ids, bad = eval_examples(cfg.data, "test", args.num_images, 0, 1)
-        report["nelbo"] = {"num_images": len(images), "repeats": repeats, "skipped_unreadable": bad}
+        # Under torchrun each process reads and evaluates its share; the terms are gathered (each image once).
+        images, ids, bad = eval_examples(cfg.data, "test", args.num_images)
+        report["nelbo"] = {"repeats": repeats, "skipped_unreadable": bad}
         for T in args.steps:
             t0 = time.perf_counter()
             res = pipe.nelbo_bpd(images, T, repeats, cfg.eval.seed, ids=ids, batch_size=cfg.eval.batch_size,
-                                 progress=True)
+                                 progress=rank == 0, distributed=world > 1)
             res["seconds"] = round(time.perf_counter() - t0, 2)
             report["nelbo"]["continuous" if T == 0 else f"T={T}"] = res
+            report["nelbo"]["num_images"] = res["num_images"]  # over all processes
     if "ode_nll" in metrics:
-        images, ids, _ = eval_examples(cfg.data, "test", args.ode_images, 0, 1)
+        images, ids, _ = eval_examples(cfg.data, "test", args.ode_images)
         # Each image's draws (its dequantisation, a latent model's z0, the probes) are keyed by its id.
         report["ode_nll"] = pipe.ode_nll_bpd(images, args.probes, args.rtol, args.atol, cfg.eval.seed, ids=ids,
-                                             progress=True)
+                                             progress=rank == 0, distributed=world > 1)
     if quality:
         from latent_ndm.evaluation.quality import sample_quality
 
         report["sample_quality"] = sample_quality(
             pipe, args.classifier if "fd_mnist" in quality else None, args.sample_steps, args.num_samples,
             args.sampler, args.seed, quality, args.inception_weights, args.sample_batch_size, progress=True)
+    if rank != 0:
+        return 0
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
@@ -258,21 +272,31 @@ def cmd_sample(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: PATH/samples)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     args = p.parse_args(argv)
+    from latent_ndm.runtime import allow_tf32, announce
+
     from .pipeline import load_pipeline
 
     get_sampler(args.sampler)  # a clear error for a wrong name before loading anything
-    pipe = load_pipeline(args.path, ema=not args.no_ema)
+    device, rank, world = _start("sample", args.device)
+    pipe = load_pipeline(args.path, ema=not args.no_ema, device=device)
+    allow_tf32(pipe.config.train.tf32 if pipe.config is not None else True)
+    announce("sample", device, world, rank)
     out = args.out or Path(args.path) / "samples"
     t0 = time.perf_counter()
-    images = pipe.sample(args.num, args.sampler, args.steps, torch.Generator().manual_seed(args.seed), args.batch_size)
+    # Batch j draws from a generator keyed by (seed, j): the same images for any number of processes.
+    images = pipe.sample(args.num, args.sampler, args.steps, None, args.batch_size, seed=args.seed)
     seconds = time.perf_counter() - t0
+    if rank != 0:
+        return 0
     stem = f"{args.sampler}_steps{args.steps or 'default'}_seed{args.seed}"
     save_grid(images, out / f"{stem}.png")
     np.savez_compressed(out / f"{stem}.npz", images=images.numpy(), sampler=args.sampler, seed=args.seed,
                         steps=args.steps or 0, **pipe.last_nfe)
     print(json.dumps({"png": str(out / f"{stem}.png"), "npz": str(out / f"{stem}.npz"), "seconds": round(seconds, 2),
-                      "seconds_per_image": seconds / args.num, **pipe.last_nfe}, indent=2))
+                      "seconds_per_image": seconds / args.num, "processes": world, "device": str(device),
+                      **pipe.last_nfe}, indent=2))
     return 0
 
 
@@ -286,13 +310,17 @@ def cmd_pictures(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shards", default=None, help="test shards to read (default: the run's data.shards)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: PATH/pictures)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP.split(";")[0])
     args = p.parse_args(argv)
     from latent_ndm.data.shards import read_split
     from latent_ndm.evaluation.pictures import TIMES, trajectory_rows, transform_rows
+    from latent_ndm.runtime import announce, resolve_device
 
     from .pipeline import NDMPipeline
 
-    pipe = NDMPipeline.from_pretrained(args.path)
+    device = resolve_device(args.device)
+    announce("pictures", device, 1)
+    pipe = NDMPipeline.from_pretrained(args.path, device=device)
     out = args.out or Path(args.path) / "pictures"
     data = _run_config(pipe, args.path).data
     test = read_split(args.shards or data.shards, "test", data.strict)
@@ -307,6 +335,20 @@ def cmd_pictures(argv: list[str]) -> int:
                       "transform_diff": str(out / "transform_diff.png"), "diff_scale_max_abs": scale,
                       "trajectories": str(out / "trajectories.png")}, indent=2))
     return 0
+
+
+DEVICE_HELP = ("cuda, cuda:N, cpu, or auto (the default: cuda when available); under torchrun / accelerate launch "
+               "each process takes the GPU of its LOCAL_RANK")
+
+
+def _start(command: str, device_name: str) -> tuple[torch.device, int, int]:
+    """(device, rank, world) of a command: the device resolved (a clear error when CUDA is asked for but
+    unusable), the process group started under torchrun; then the one line saying where it runs."""
+    from latent_ndm.runtime import local_device, resolve_device, start_processes
+
+    device = resolve_device(device_name)
+    rank, world = start_processes(device)
+    return local_device(device), rank, world
 
 
 def _run_config(pipe, path):

@@ -116,6 +116,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     ema_decay: float = 0.999  # EMA of the weights (kept in float32); 0 disables the EMA
     bf16: bool = False  # bf16 autocast for the forward pass
+    tf32: bool = True  # TF32 float32 matmuls/convolutions for the denoiser and VAE on Ampere+ GPUs; F and the
+    # bound always run in full float32 (latent_ndm/runtime.py)
+    compile: bool = False  # torch.compile the denoiser's network in place (F stays eager: forward-mode AD)
+    channels_last: bool = False  # NHWC weights and activations (faster convolutions on GPUs and some CPUs)
     seed: int = 0
     log_every: int = 25
     eval_every: int = 500  # test NELBO; 0 disables periodic evaluation

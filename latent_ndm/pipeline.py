@@ -123,10 +123,14 @@ class NDMPipeline:
 
     @torch.no_grad()
     def sample(self, n: int, sampler: str = "ancestral", steps: int | None = None,
-               generator: torch.Generator | None = None, batch_size: int = 256) -> Tensor:
+               generator: torch.Generator | None = None, batch_size: int = 256, seed: int | None = None) -> Tensor:
         """n uint8 images [n, C, H, W] from the named sampler (see latent_ndm.sampling.samplers.SAMPLERS); the
-        function evaluations per batch are in `last_nfe`. `generator` lives on the model's device."""
-        x, self.last_nfe = sample_images(self.ndm, n, sampler, steps, generator, batch_size)
+        function evaluations per batch are in `last_nfe`.
+
+        seed: each batch of batch_size draws from its own keyed generator, and under torchrun the processes
+        share the batches: the same images for any number of processes. Otherwise `generator` draws all
+        (a CPU generator with a GPU model is fine: it draws on the CPU, the same numbers as on a CPU)."""
+        x, self.last_nfe = sample_images(self.ndm, n, sampler, steps, generator, batch_size, seed)
         return self.decode(x, batch_size)
 
     @torch.no_grad()
@@ -156,20 +160,22 @@ class NDMPipeline:
     # -- bits/dim ---------------------------------------------------------------------------------------
 
     def nelbo_bpd(self, images: Tensor, num_steps: int | None = None, repeats: int = 1, seed: int = 0,
-                  ids: Tensor | None = None, batch_size: int = 250, progress: bool = False) -> dict:
+                  ids: Tensor | None = None, batch_size: int = 250, progress: bool = False,
+                  distributed: bool = False) -> dict:
         """The whole model's mean NELBO in bits per image dimension, per term and in total (a latent model:
         'decoder', 'log_q' and the prior's 'rec', 'diff', 'prior'); num_steps = the NDM's T, 0 for continuous
-        time, None for its own. ids (default 0..N-1) key each image's noise."""
+        time, None for its own. ids (default 0..N-1) key each image's noise. distributed: each process
+        passes its share (distinct ids) and all get the figure over the union."""
         return evaluate_nelbo(self.model, check_images(images, self.image_shape), ids, num_steps, batch_size,
-                              repeats, seed, progress=progress)
+                              repeats, seed, distributed, progress)
 
     def ode_nll_bpd(self, images: Tensor, probes: int = 1, rtol: float = 1e-5, atol: float = 1e-5,
                     seed: int = 0, ids: Tensor | None = None, batch_size: int = 100, progress: bool = False,
-                    probe_kind: str = "rademacher") -> dict:
+                    probe_kind: str = "rademacher", distributed: bool = False) -> dict:
         """The bound with the NDM's exact NLL by its probability-flow ODE in place of its NELBO, in bits per
         image dimension, with NFE and time; with the same seed and ids it uses the same z0 as `nelbo_bpd`."""
         return evaluate_ode_nll(self.model, check_images(images, self.image_shape), ids, batch_size, probes,
-                                probe_kind, seed, rtol, atol, progress)
+                                probe_kind, seed, rtol, atol, progress, distributed)
 
 
 def load_pipeline(path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> NDMPipeline:

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 
+from latent_ndm.runtime import full_fp32
+
 FDOT_METHODS = ("auto", "tangent", "jvp", "forward_ad", "fd")
 
 
@@ -86,21 +88,22 @@ class NeuralTransform(Transform):
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         x, t = self._inputs(x, t)
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False), full_fp32():
             return x + _per_example(t, x) * self.net(x, t)
 
     def value_and_tangent(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """(F, dF/dt) with dF/dt = NN + t dNN/dt from the network's tangent pass."""
         x, t = self._inputs(x, t)
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False), full_fp32():
             out, d_out = self.net.forward_and_time_derivative(x, t)
             tt = _per_example(t, x)
             return x + tt * out, out + tt * d_out
 
     @staticmethod
     def _inputs(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        # F runs in float32 even under bf16 autocast: the loss is a difference F(x,.) - F(xhat,.) scaled by
-        # up to SNR/gamma' (continuous) or T/v (discrete), so bf16 rounding in F would not cancel.
+        # F runs in float32 even under bf16 autocast, and without TF32 on GPUs (latent_ndm.runtime): the loss
+        # is a difference F(x,.) - F(xhat,.) scaled by up to SNR/gamma' (continuous) or T/v (discrete), so
+        # rounding in F would not cancel.
         x = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
         t = t.to(x.dtype).reshape(-1)
         return x, t.expand(x.shape[0]) if t.numel() == 1 else t

@@ -111,7 +111,7 @@ def evaluate_nelbo(model: ImageModel, images: Tensor, ids: Tensor | None = None,
 
 def evaluate_ode_nll(model: ImageModel, images: Tensor, ids: Tensor | None = None, batch_size: int = 100,
                      probes: int = 1, probe_kind: str = "rademacher", seed: int = 1234, rtol: float = 1e-5,
-                     atol: float = 1e-5, progress: bool = False) -> dict[str, float]:
+                     atol: float = 1e-5, progress: bool = False, distributed: bool = False) -> dict[str, float]:
     """The bound with the NDM's exact -log p by its probability-flow ODE in place of its NELBO, in bits per
     image dimension, with the NFE per batch and the time (docs/MATH.md, section 10).
 
@@ -139,8 +139,12 @@ def evaluate_ode_nll(model: ImageModel, images: Tensor, ids: Tensor | None = Non
         return out | {"ode_nll": nats + scaling}
 
     t0 = time.perf_counter()
-    per = per_example(model, images, _ids(images, ids), terms, seed, 1, batch_size, "ode nll", progress)
+    ids = _ids(images, ids)
+    per = per_example(model, images, ids, terms, seed, 1, batch_size, "ode nll", progress)
     seconds = time.perf_counter() - t0
+    if distributed:  # distributed: as evaluate_nelbo; NFE and seconds are this process's
+        ids, per = gather_examples(ids, per)
     out = summarize(per, math.prod(images.shape[1:]))
-    return out | {"nfe_mean": sum(nfe) / len(nfe), "seconds": seconds, "seconds_per_image": seconds / len(images),
+    return out | {"nfe_mean": sum(nfe) / max(len(nfe), 1), "seconds": seconds,
+                  "seconds_per_image": seconds / max(len(images), 1),
                   "probes": probes, "probe_kind": probe_kind, "rtol": rtol, "atol": atol}

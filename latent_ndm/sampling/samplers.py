@@ -9,15 +9,16 @@ evaluations are counted separately for the denoiser (xhat) and the transform (F;
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from latent_ndm.core import process as P
 from latent_ndm.core.ndm import NDM
+from latent_ndm.core.noise import keyed_generator
 from latent_ndm.sampling import ode
 
 
@@ -62,8 +63,17 @@ def _setup(ndm: NDM, shape: tuple[int, ...], generator: torch.Generator | None, 
         raise ValueError(f"shape must be [N, ...], got {shape}")
     device = ndm.device
     steps = steps or ndm.num_steps or 100
-    z = torch.randn(shape, generator=generator, device=device)
+    z = randn(shape, generator, device)
     return device, steps, z
+
+
+def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """Standard normals on `device`, drawn by `generator` wherever it lives: a CPU generator with a GPU model
+    draws on the CPU and copies (the same numbers as on a CPU machine)."""
+    device = torch.device(device)
+    if generator is not None and generator.device.type != device.type:
+        return torch.randn(shape, generator=generator, device=generator.device).to(device)
+    return torch.randn(shape, generator=generator, device=device)
 
 
 def _discrete_steps(
@@ -80,7 +90,7 @@ def _discrete_steps(
         z_mean = P.posterior_mean(f_s, f_t, z, gamma_s, gamma_t, eta)
         if eta > 0:
             _, var = P.reverse_step_coefficients(gamma_s, gamma_t, eta)
-            z = z_mean + P.expand(var.sqrt(), z) * torch.randn(shape, generator=generator, device=device)
+            z = z_mean + P.expand(var.sqrt(), z) * randn(shape, generator, device)
         else:
             z = z_mean
         if callback is not None:
@@ -113,7 +123,7 @@ def sde(ndm: NDM, shape, generator=None, steps=None, callback=None) -> SampleRes
         n.count(xhat=1, f=1)
         g2 = torch.sigmoid(gamma) * dgamma
         drift = drift - P.expand(0.5 * g2, z) * P.score(f, z, gamma)
-        noise = torch.randn(shape, generator=generator, device=device)
+        noise = randn(shape, generator, device)
         z = z - h * drift + P.expand((g2 * h).sqrt(), z) * noise
         if callback is not None:
             callback(k + 1, steps, z, xh)
@@ -182,14 +192,30 @@ def get_sampler(name: str) -> Callable[..., SampleResult]:
 
 
 def sample_images(ndm: NDM, n: int, sampler: str = "ancestral", steps: int | None = None,
-                  generator: torch.Generator | None = None, batch_size: int = 256) -> tuple[Tensor, dict]:
-    """n samples in model space in batches, with NFE totals; see SAMPLERS for the names."""
+                  generator: torch.Generator | None = None, batch_size: int = 256,
+                  seed: int | None = None) -> tuple[Tensor, dict]:
+    """n samples in model space in batches of batch_size, with NFE totals; see SAMPLERS for the names.
+
+    seed: batch j draws from a generator keyed by (seed, j) on the model's device, and under
+    torch.distributed process r samples batches r, r + W, ... and all get every sample, in order: the
+    samples are bitwise those of one process with the same seed and batch size. Without a seed, one
+    `generator` (or the global RNG) draws all batches in one process.
+    """
     fn = get_sampler(sampler)
     shape = tuple(ndm.data_shape)
-    xs, nfe_x, nfe_f = [], 0, 0
-    for start in range(0, n, batch_size):
-        res = fn(ndm, (min(batch_size, n - start), *shape), generator, steps)
-        xs.append(res.x)
+    starts = list(range(0, n, batch_size))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if seed is not None and dist.is_available() \
+        and dist.is_initialized() else (0, 1)
+    xs, nfe_x, nfe_f = {}, 0, 0
+    for j in range(rank, len(starts), world):
+        g = generator if seed is None else keyed_generator(ndm.device, seed, "sample", j)
+        res = fn(ndm, (min(batch_size, n - starts[j]), *shape), g, steps)
+        xs[j] = res.x
         nfe_x, nfe_f = nfe_x + res.nfe_xhat, nfe_f + res.nfe_f
-    batches = math.ceil(n / batch_size)
-    return torch.cat(xs), {"nfe_xhat": nfe_x // batches, "nfe_f": nfe_f // batches}
+    if world > 1:
+        parts: list = [None] * world
+        dist.all_gather_object(parts, ({j: x.cpu() for j, x in xs.items()}, nfe_x, nfe_f))
+        xs = {j: x.to(ndm.device) for part in parts for j, x in part[0].items()}
+        nfe_x, nfe_f = sum(p[1] for p in parts), sum(p[2] for p in parts)
+    batches = len(starts)
+    return torch.cat([xs[j] for j in range(batches)]), {"nfe_xhat": nfe_x // batches, "nfe_f": nfe_f // batches}

@@ -19,7 +19,8 @@ from latent_ndm.training.checkpoint import checkpoint_dirs, write_atomic
 # masks of micro-batches differ from the whole batch's).
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.eval_every", "train.eval_examples",
                   "train.sample_every", "train.sample_steps", "train.num_samples", "train.ckpt_every",
-                  "train.keep_checkpoints", "train.max_nonfinite_steps", "train.grad_accum", "eval.", "model.fdot")
+                  "train.keep_checkpoints", "train.max_nonfinite_steps", "train.grad_accum", "train.tf32",
+                  "train.compile", "train.channels_last", "eval.", "model.fdot")
 
 
 class TrainingInterrupted(Exception):

@@ -30,6 +30,7 @@ from latent_ndm.config import RunConfig, to_dict
 from latent_ndm.core.noise import Noise, derive_seed
 from latent_ndm.data.streams import Batch
 from latent_ndm.evaluation.images import save_grid
+from latent_ndm.runtime import allow_tf32, announce, compile_denoiser
 from latent_ndm.training.checkpoint import CheckpointError, resume_checkpoint, write_atomic
 from latent_ndm.training.ema import EMA
 from latent_ndm.training.guards import (
@@ -145,6 +146,8 @@ def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path
     warn_slow_bf16(tc.bf16, "cuda" if on_gpu else "cpu")
     accelerator = Accelerator(mixed_precision="bf16" if tc.bf16 else "no", cpu=not on_gpu)
     device, is_main = accelerator.device, accelerator.is_main_process
+    allow_tf32(tc.tf32)
+    announce(f"train {cfg.name}", device, accelerator.num_processes, accelerator.process_index, tc.bf16)
     run_dir = Path(cfg.out_dir) / cfg.name
     check_config(run_dir, cfg, allow_config_change)
     if is_main:
@@ -154,12 +157,16 @@ def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path
     # Model, EMA, optimizer (parameter groups may carry their own learning rate), LR schedule stepped by hand
     # once per optimizer step (a prepared scheduler steps once per process).
     raw = task.model.to(device)
+    if tc.channels_last:
+        raw.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(task.param_groups(raw) if task.param_groups else raw.parameters(), lr=tc.lr,
                                   betas=tc.betas, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, tc.warmup_steps, tc.lr_schedule, tc.steps, tc.min_lr / tc.lr))
     objective = task.objective if hasattr(task.objective, "state_dict") else None
     st = TrainState(raw, EMA(raw, tc.ema_decay) if tc.ema_decay > 0 else None, optimizer, scheduler, objective)
+    if tc.compile:  # after the EMA's copy (which stays eager); in place, so weights keep their names
+        compile_denoiser(raw)
     model, optimizer = accelerator.prepare(_Trainee(raw, task.objective).to(device), optimizer)
 
     # Resume. Rank 0 chooses the checkpoint for everyone (out_dir must be shared by all machines).

@@ -140,9 +140,11 @@ def cmd_evaluate(argv: list[str]) -> int:
                                 "(latent models: the full model's bound in bits per image dimension); sample "
                                 "quality (FD-MNIST, FID) at several numbers of sampling steps.")
     p.add_argument("path", help="a run directory (train_ndm.sh, train_latent_ndm.sh) or a saved model directory")
-    p.add_argument("--metrics", default="nelbo", help="comma-separated: nelbo, ode_nll, fd_mnist, fid (default: "
-                   "nelbo). fd_mnist: Frechet distance of samples to the test images in the features of the "
-                   "project's MNIST classifier (--classifier; NOT FID); fid: with the Inception weights file")
+    p.add_argument("--metrics", default="nelbo", help="comma-separated: nelbo, ode_nll, fd_mnist, fid, kid (default: "
+                   "nelbo). fid, kid: --num-samples samples (default 50,000) against the training images' Inception "
+                   "statistics (computed once, cached beside the shards), with the local Inception weights file; "
+                   "fd_mnist: Frechet distance to the test images in the features of the project's MNIST "
+                   "classifier (--classifier; NOT FID; 500 samples by default)")
     p.add_argument("--steps", type=_parse_steps, default=_parse_steps("10,100,1000,continuous"),
                    help="NELBO at these T values and/or 'continuous' (default: 10,100,1000,continuous)")
     p.add_argument("--repeats", type=int, default=None, help="draws of (t, eps) per test image for the NELBO")
@@ -161,7 +163,8 @@ def cmd_evaluate(argv: list[str]) -> int:
                         "$LATENT_NDM_INCEPTION_WEIGHTS); never downloaded")
     p.add_argument("--sample-steps", type=_parse_sample_steps, default=[10, 100, 1000],
                    help="fd_mnist / fid: sampling steps to compare (default: 10,100,1000)")
-    p.add_argument("--num-samples", type=int, default=500, help="fd_mnist / fid: samples per setting (default 500)")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="fd_mnist / fid / kid: samples per setting (default 50,000 with fid or kid, else 500)")
     p.add_argument("--sampler", default="ancestral", help=f"fd_mnist / fid: one of {', '.join(SAMPLERS)}")
     p.add_argument("--seed", type=int, default=0, help="fd_mnist / fid: seed of the sampling noise (every setting)")
     p.add_argument("--sample-batch-size", type=int, default=256, help="fd_mnist / fid: samples per sampler call")
@@ -173,13 +176,13 @@ def cmd_evaluate(argv: list[str]) -> int:
                    "also keeps the denoiser and the VAE in full float32 on Ampere+ GPUs)")
     args = p.parse_args(argv)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    unknown = set(metrics) - {"nelbo", "ode_nll", "fd_mnist", "fid"}
+    unknown = set(metrics) - {"nelbo", "ode_nll", "fd_mnist", "fid", "kid"}
     if unknown:
-        raise ValueError(f"unknown metric(s) {sorted(unknown)}; choose from nelbo, ode_nll, fd_mnist, fid")
-    quality = [m for m in metrics if m in ("fd_mnist", "fid")]
+        raise ValueError(f"unknown metric(s) {sorted(unknown)}; choose from nelbo, ode_nll, fd_mnist, fid, kid")
+    quality = [m for m in metrics if m in ("fd_mnist", "fid", "kid")]
     if quality:
         get_sampler(args.sampler)
-        if "fid" in quality:  # fail before any other work when the file is missing
+        if {"fid", "kid"} & set(quality):  # fail before any other work when the file is missing
             from latent_ndm.evaluation.quality import inception_weights_path
 
             inception_weights_path(args.inception_weights)
@@ -223,7 +226,7 @@ def cmd_evaluate(argv: list[str]) -> int:
 
         report["sample_quality"] = sample_quality(
             pipe, args.classifier if "fd_mnist" in quality else None, args.sample_steps, args.num_samples,
-            args.sampler, args.seed, quality, args.inception_weights, args.sample_batch_size, progress=True)
+            args.sampler, args.seed, quality, args.inception_weights, args.sample_batch_size, progress=rank == 0)
     if rank != 0:
         return 0
     text = json.dumps(report, indent=2)

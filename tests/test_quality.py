@@ -200,17 +200,53 @@ def test_fid_reads_the_local_file_and_equals_the_frechet_distance_of_its_feature
     assert Q.fid(a, a, inception_file) < 1e-6 * want
 
 
-def test_sample_quality_fid_on_a_tiny_model(inception_file: Path, mnist_shards: Path, tmp_path: Path) -> None:
-    # A few MNIST images as their own shards, so the Inception passes stay few (test 3, train 2, samples 2).
+def test_kid_equals_torch_fidelity() -> None:
+    metric_kid = pytest.importorskip("torch_fidelity.metric_kid")
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(60, 16, generator=g), torch.randn(50, 16, generator=g) * 1.2 + 0.3
+    theirs = metric_kid.kid_features_to_metric(a, b, kid_subsets=7, kid_subset_size=40, rng_seed=3, verbose=False,
+                                               kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None,
+                                               kid_kernel_poly_coef0=1)
+    mean, std = Q.kid(a, b, subsets=7, subset_size=40, seed=3)  # the same subsets; theirs in float32, ours float64
+    assert mean == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-5)
+    assert std == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-4)
+
+
+def test_fid_and_kid_against_cached_training_statistics(inception_file: Path, mnist_shards: Path,
+                                                        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # A few MNIST images as their own shards, so the Inception passes stay few (train 5, test 3, samples 4).
     manifest = {"source": "test", "splits": {}}
-    for split, n in (("train", 2), ("test", 3)):
+    for split, n in (("train", 5), ("test", 3)):
         data = read_split(mnist_shards, split)
-        manifest["splits"][split] = write_shards(ImageData(data.images[:n], data.labels[:n]), tmp_path / "few", split)
+        manifest["splits"][split] = write_shards(ImageData(data.images[:n], data.labels[:n]), tmp_path / "few", split,
+                                                 maxcount=2)
     (tmp_path / "few" / MANIFEST).write_text(json.dumps(manifest))
     pipe = NDMPipeline.from_pretrained(tiny_pixel_model(tmp_path, tmp_path / "few"))
-    q = Q.sample_quality(pipe, None, steps=(1,), num_samples=2, metrics=("fid",), inception_weights=inception_file)
+    q = Q.sample_quality(pipe, None, steps=(1,), num_samples=4, metrics=("fid", "kid"),
+                         inception_weights=inception_file, batch_size=3)
     assert q["inception_weights"] == str(inception_file) and "Inception" in q["definitions"]["fid"]
-    assert q["reference"]["test_images"] == 3 and q["reference"]["fid_train_vs_test"] > 0
-    assert q["steps"]["1"]["fid"] > 0 and q["steps"]["1"]["nfe_xhat"] == 1
+    ref = q["reference"]
+    assert ref["against"] == "all 5 training images" and not ref["stats_cached"] and ref["inception_test_images"] == 3
+    assert q["num_samples"] == 4 and q["sampler"] == "ancestral" and q["steps"]["1"]["nfe_xhat"] == 1
+    # The streamed, cached statistics are those of the training images' features computed at once.
+    extractor = Q.load_inception(inception_file)
+    train_feats = Q.inception_features(torch.from_numpy(read_split(tmp_path / "few", "train").images), extractor)
+    mu, cov = Q.gaussian_stats(train_feats)
+    with np.load(ref["stats_file"]) as f:
+        np.testing.assert_allclose(f["mu"], mu.numpy(), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(f["sigma"], cov.numpy(), rtol=1e-5, atol=1e-8)
+        assert int(f["count"]) == 5 and f["kid_features"].shape == (5, 2048)
+    samples = pipe.sample(4, "ancestral", 1, None, 3, seed=0)
+    feats = Q.inception_features(samples, extractor)
+    assert q["steps"]["1"]["fid"] == pytest.approx(Q.frechet_from_stats(*Q.gaussian_stats(feats), mu, cov), rel=1e-6)
+    assert q["steps"]["1"]["kid"] == pytest.approx(Q.kid(feats, train_feats, seed=0)[0], rel=1e-6)
+    again = Q.sample_quality(pipe, None, steps=(1,), num_samples=4, metrics=("fid",), inception_weights=inception_file,
+                             batch_size=3)
+    assert again["reference"]["stats_cached"] and again["steps"]["1"]["fid"] == q["steps"]["1"]["fid"]
+    # The command line: the example of the README with a tiny N.
+    assert main(["evaluate", str(tmp_path / "model"), "--metrics", "fid,kid", "--num-samples", "4", "--sample-steps",
+                 "1", "--sample-batch-size", "3", "--inception-weights", str(inception_file), "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)["sample_quality"]
+    assert report["steps"]["1"]["fid"] == pytest.approx(q["steps"]["1"]["fid"], rel=1e-9)
     with pytest.raises(ValueError, match="needs a classifier"):
         Q.sample_quality(pipe, None, steps=(1,), num_samples=2)

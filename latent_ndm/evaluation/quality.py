@@ -1,7 +1,9 @@
 """Sample quality: Frechet distances between Gaussians fitted to features of two image sets.
 
-- FID: features from the standard Inception-v3 (torch-fidelity's port of the TensorFlow 2015-12-05
-  graph, pool3, 2048-d), read from a local file (`pip install 'latent-ndm[eval]'`). Nothing is
+- FID and KID: features from the standard Inception-v3 (torch-fidelity's port of the TensorFlow 2015-12-05
+  graph, pool3, 2048-d) of N samples (default 50,000) against the statistics of the TRAINING images,
+  computed once per shard set and cached beside the shards (the papers' FID-50k protocol); weights
+  read from a local file (`pip install 'latent-ndm[eval]'`). Nothing is
   downloaded: give the path of `weights-inception-2015-12-05-6726825d.pth` (from INCEPTION_URL) as an
   argument or in $LATENT_NDM_INCEPTION_WEIGHTS.
 - FD-MNIST: the same distance in the 128-d penultimate features of the project's own MNIST
@@ -10,31 +12,38 @@
 
     sample_quality(pipe, "runs/mnist_classifier", steps=(10, 100, 1000), num_samples=500)   # -> dict (JSON)
 
-Both are biased upwards for finite sets (more so with fewer images than feature dimensions): compare
-numbers computed from the same number of images; the report gives train-vs-test images as a floor.
+FID and FD-MNIST are biased upwards for finite sets (more so with fewer images than feature dimensions):
+compare numbers computed from the same number of images (KID is unbiased); the report gives real images
+not trained on as a floor.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from latent_ndm.evaluation.classifier import ImageClassifier
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"  # docs only
 INCEPTION_ENV = "LATENT_NDM_INCEPTION_WEIGHTS"
-METRICS = ("fd_mnist", "fid")
+METRICS = ("fd_mnist", "fid", "kid")
 DEFINITIONS = {
     "fd_mnist": "Frechet distance between Gaussians fitted to the 128-d penultimate features of the project's MNIST "
                 "classifier (scripts/train_classifier.sh); NOT FID, comparable only for the same classifier",
-    "fid": "Frechet Inception distance: torch-fidelity's Inception-v3 (TF 2015-12-05 weights), 2048-d pool3 features",
+    "fid": "Frechet Inception distance: torch-fidelity's Inception-v3 (TF 2015-12-05 weights), 2048-d pool3 features, "
+           "samples against all training images",
+    "kid": "Kernel Inception distance: unbiased MMD^2, cubic polynomial kernel, 100 subsets of 1000 (torch-fidelity's "
+           "defaults), the same features, samples against 10,000 evenly spaced training images",
 }
 
 
@@ -136,20 +145,171 @@ def fd_classifier(images_a: Tensor, images_b: Tensor, classifier: ImageClassifie
     return frechet_distance(clf.features(images_a), clf.features(images_b))
 
 
-# -- samples of a trained model against its test images -----------------------------------------
+# -- KID ----------------------------------------------------------------------------------------
+
+
+def kid(features_a: Tensor, features_b: Tensor, subsets: int = 100, subset_size: int = 1000,
+        seed: int = 0) -> tuple[float, float]:
+    """Kernel Inception Distance (Binkowski et al. 2018) as torch-fidelity computes it: the unbiased MMD^2
+    with the polynomial kernel k(x, y) = (x.y / D + 1)^3 between random subsets (`subsets` pairs of
+    `subset_size`, drawn by numpy's RandomState(seed)); (mean, std) over the subsets. Unlike FID it has
+    an unbiased estimator, so values from different set sizes compare."""
+    import numpy as np
+
+    fa, fb = (torch.as_tensor(f).to("cpu", torch.float64).numpy() for f in (features_a, features_b))
+    m = min(subset_size, len(fa), len(fb))
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 features per set, got {len(fa)} and {len(fb)}")
+    rng, d = np.random.RandomState(seed), fa.shape[1]
+    mmds = []
+    for _ in range(subsets):
+        x, y = fa[rng.choice(len(fa), m, replace=False)], fb[rng.choice(len(fb), m, replace=False)]
+        kxx, kyy, kxy = ((u @ v.T / d + 1) ** 3 for u, v in ((x, x), (y, y), (x, y)))
+        mmds.append((kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean())
+    return float(np.mean(mmds)), float(np.std(mmds))
+
+
+# -- training-set statistics, computed once per shard set -----------------------------------------
+
+KID_POOL = 10_000  # training features kept for KID (evenly spaced ids)
+
+
+def _digest_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _shard_fingerprint(data) -> str:
+    """What the train images are: the manifest (or another tool's shard index) and the image shape."""
+    from latent_ndm.data.shards import INDEX, MANIFEST
+
+    folder = Path(data.shards)
+    h = hashlib.sha256(f"{data.channels}x{data.image_size}|{data.train_urls}".encode())
+    for name in (MANIFEST, INDEX):
+        if (folder / name).is_file():
+            h.update((folder / name).read_bytes())
+    return h.hexdigest()
+
+
+def _share(count: int, shards_n: int, rank: int, world: int):
+    by_shard = shards_n >= world
+    return (lambda j: not by_shard or j % world == rank), (lambda i: by_shard or i % world == rank)
+
+
+def _gather(obj):
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, obj)
+        return parts
+    return [obj]
+
+
+def reference_statistics(data, name: str, extract: Callable[[Tensor], Tensor], extractor_digest: str,
+                         batch_size: int = 250, progress: bool = False) -> dict:
+    """Mean and covariance of the features of every TRAINING image (the reference papers use for FID), and
+    KID_POOL of them for KID, streamed over the train shards (each process its share, summed), cached in
+    SHARDS/reference_stats/ under a key of the shards and the feature extractor: computed once per shard set."""
+    import numpy as np
+
+    from latent_ndm.data.shards import ReadStats, iterate_split
+    from latent_ndm.data.streams import open_split, process_group
+
+    key = hashlib.sha256(f"{_shard_fingerprint(data)}|{name}|{extractor_digest}".encode()).hexdigest()[:16]
+    folder = Path(data.shards) if Path(data.shards).is_dir() else Path(data.shards).parent
+    path = folder / "reference_stats" / f"train_{name}_{key}.npz"
+    if path.is_file():
+        with np.load(path) as f:
+            return {"mu": torch.from_numpy(f["mu"]), "sigma": torch.from_numpy(f["sigma"]), "count": int(f["count"]),
+                    "kid_features": torch.from_numpy(f["kid_features"]), "path": str(path), "cached": True}
+    shards = open_split(data, "train")
+    rank, world = process_group()
+    keep_shard, keep = _share(shards.count, len(shards.urls), rank, world)
+    stride = max(1, shards.count // KID_POOL)
+    n, total, outer, pool = 0, None, None, {}
+    batch: list[Tensor] = []
+    ids: list[int] = []
+
+    def flush() -> None:
+        nonlocal n, total, outer
+        feats = extract(torch.stack(batch)).double()
+        total = feats.sum(0) if total is None else total + feats.sum(0)
+        outer = feats.T @ feats if outer is None else outer + feats.T @ feats
+        n += len(feats)
+        pool.update({i: f.float() for i, f in zip(ids, feats) if i % stride == 0})
+        batch.clear()
+        ids.clear()
+
+    bar = tqdm(total=shards.count // world, desc=f"{name} statistics of the train images", disable=not progress)
+    for image, _, i in iterate_split(shards, ReadStats(data.strict), keep_shard, keep):
+        batch.append(image)
+        ids.append(i)
+        bar.update()
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    bar.close()
+    parts = _gather((n, total, outer, pool))
+    n = sum(p[0] for p in parts)
+    total = sum(p[1] for p in parts if p[1] is not None)
+    outer = sum(p[2] for p in parts if p[2] is not None)
+    pool = {i: f for p in parts for i, f in p[3].items()}
+    mu = total / n
+    sigma = (outer - n * torch.outer(mu, mu)) / (n - 1)  # unbiased, as gaussian_stats
+    kid_features = torch.stack([pool[i] for i in sorted(pool)])
+    out = {"mu": mu, "sigma": sigma, "count": n, "kid_features": kid_features, "path": str(path), "cached": False}
+    if rank == 0:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.npz")
+            np.savez(tmp, mu=mu.numpy(), sigma=sigma.numpy(), count=n, kid_features=kid_features.numpy())
+            os.replace(tmp, path)
+        except OSError as e:
+            warnings.warn(f"cannot cache the reference statistics in {path.parent} ({e}); they will be computed "
+                          "again next time", stacklevel=2)
+    return out
+
+
+def shared_features(images: Tensor, extract: Callable[[Tensor], Tensor]) -> Tensor:
+    """Features of all `images` (held by every process), each process extracting every W-th one; all get
+    the features in order."""
+    from latent_ndm.data.streams import process_group
+
+    rank, world = process_group()
+    mine = extract(images[rank::world]) if len(images[rank::world]) else None
+    parts = _gather(mine)
+    out = torch.empty((len(images), next(p for p in parts if p is not None).shape[1]), dtype=torch.float64)
+    for r, part in enumerate(parts):
+        if part is not None:
+            out[r::world] = part
+    return out
+
+
+# -- samples of a trained model ------------------------------------------------------------------
 
 
 def sample_quality(pipe, classifier: ImageClassifier | str | Path | None = None,
-                   steps: Sequence[int] = (10, 100, 1000), num_samples: int = 500, sampler: str = "ancestral",
-                   seed: int = 0, metrics: Sequence[str] = ("fd_mnist",), inception_weights: str | Path | None = None,
-                   batch_size: int = 256, progress: bool = False) -> dict:
+                   steps: Sequence[int] = (10, 100, 1000), num_samples: int | None = None,
+                   sampler: str = "ancestral", seed: int = 0, metrics: Sequence[str] = ("fd_mnist",),
+                   inception_weights: str | Path | None = None, batch_size: int = 256,
+                   progress: bool = False) -> dict:
     """Sample quality of a pipeline (NDMPipeline, pixel or latent) at several numbers of sampling steps.
 
-    For each steps value: `num_samples` images from `sampler` with torch.Generator seeded by `seed`
-    (the same start noise for every setting), their distance to all test images of the run's data for
-    each metric ('fd_mnist' needs `classifier`, a model or its directory; 'fid' the Inception weights),
-    wall seconds and NFE per batch. 'reference' gives the same distance for num_samples evenly spaced
-    train images (a floor: real data of the same count). A discrete model (T steps) skips steps > T.
+    For each steps value, `num_samples` images from `sampler` (default 50,000 for fid/kid, 500 for fd_mnist),
+    each batch of batch_size keyed by (seed, batch): the same images for any number of processes (under
+    torchrun the processes share the sampling and the feature extraction).
+    - 'fid' / 'kid': against the statistics of ALL TRAINING images (the papers' protocol, e.g. FID-50k),
+      computed once per shard set and cached beside the shards; 'reference' gives the same distances for
+      min(num_samples, test size) evenly spaced test images (real data not trained on: a floor).
+    - 'fd_mnist': against the test images, in the features of the project's MNIST classifier (NOT FID;
+      offline); 'reference' gives num_samples evenly spaced train images against them.
+    The report records N, the reference set, the sampler, the steps and the seed. A discrete model (T steps)
+    skips steps > T.
     """
     from latent_ndm.data.streams import eval_examples
 
@@ -157,9 +317,12 @@ def sample_quality(pipe, classifier: ImageClassifier | str | Path | None = None,
     unknown = set(metrics) - set(METRICS)
     if unknown or not metrics:
         raise ValueError(f"unknown or no metric(s) {sorted(unknown)}; choose from {', '.join(METRICS)}")
+    inception_metrics = [m for m in metrics if m in ("fid", "kid")]
+    num_samples = num_samples or (50_000 if inception_metrics else 500)
     device = pipe.device
-    extract: dict[str, Callable[[Tensor], Tensor]] = {}
-    report: dict = {"sampler": sampler, "seed": seed, "num_samples": num_samples, "definitions": {}}
+    report: dict = {"sampler": sampler, "seed": seed, "num_samples": num_samples, "sample_batch_size": batch_size,
+                    "definitions": {m: DEFINITIONS[m] for m in metrics}, "reference": {}}
+    clf_features = None
     if "fd_mnist" in metrics:
         if classifier is None:
             raise ValueError("fd_mnist needs a classifier directory (scripts/train_classifier.sh writes one)")
@@ -170,19 +333,33 @@ def sample_quality(pipe, classifier: ImageClassifier | str | Path | None = None,
         if (c.channels, c.image_size, c.image_size) != tuple(pipe.image_shape):
             raise ValueError(f"the classifier takes {c.channels}x{c.image_size}x{c.image_size} images, the model "
                              f"makes {'x'.join(map(str, pipe.image_shape))}")
-        extract["fd_mnist"] = clf.features
-    if "fid" in metrics:
+        clf_features = clf.features
+        test, _, _ = eval_examples(pipe.config.data, "test", None, 0, 1)
+        train, _, _ = eval_examples(pipe.config.data, "train", num_samples, 0, 1)
+        clf_ref = gaussian_stats(clf_features(test))
+        report["reference"] |= {"fd_mnist_against": f"all {len(test)} test images", "test_images": len(test),
+                                "train_images": len(train),
+                                "fd_mnist_train_vs_test": frechet_from_stats(*gaussian_stats(clf_features(train)),
+                                                                             *clf_ref)}
+    if inception_metrics:
         inception = load_inception(inception_weights, device)
-        report["inception_weights"] = str(inception_weights_path(inception_weights))
-        extract["fid"] = lambda images: inception_features(images, inception)
-    report["definitions"] = {m: DEFINITIONS[m] for m in metrics}
+        weights = inception_weights_path(inception_weights)
+        report["inception_weights"] = str(weights)
 
-    test, _, _ = eval_examples(pipe.config.data, "test", None, 0, 1)
-    train, _, _ = eval_examples(pipe.config.data, "train", num_samples, 0, 1)
-    ref = {m: gaussian_stats(fn(test)) for m, fn in extract.items()}
-    report["reference"] = {"test_images": len(test), "train_images": len(train),
-                           **{f"{m}_train_vs_test": frechet_from_stats(*gaussian_stats(fn(train)), *ref[m])
-                              for m, fn in extract.items()}}
+        def incep(images: Tensor) -> Tensor:
+            return inception_features(images, inception)
+
+        ref = reference_statistics(pipe.config.data, "inception2048", incep, _digest_file(weights), progress=progress)
+        test, _, _ = eval_examples(pipe.config.data, "test", num_samples, 0, 1)
+        test_feats = shared_features(test, incep)
+        report["reference"] |= {"against": f"all {ref['count']} training images", "stats_file": ref["path"],
+                                "stats_cached": ref["cached"], "inception_test_images": len(test),
+                                "kid_pool": len(ref["kid_features"])}
+        if "fid" in metrics:
+            report["reference"]["fid_test_vs_train"] = frechet_from_stats(*gaussian_stats(test_feats), ref["mu"],
+                                                                          ref["sigma"])
+        if "kid" in metrics:
+            report["reference"]["kid_test_vs_train"] = kid(test_feats, ref["kid_features"], seed=seed)[0]
     report["steps"] = {}
     max_steps = pipe.ndm.num_steps  # > 0: a discrete model, which samples at most T steps of its own grid
     for n_steps in steps:
@@ -190,13 +367,19 @@ def sample_quality(pipe, classifier: ImageClassifier | str | Path | None = None,
             report["steps"][str(n_steps)] = {"skipped": f"the model was trained with T={max_steps}"}
             continue
         t0 = time.perf_counter()
-        images = pipe.sample(num_samples, sampler, n_steps, torch.Generator(device).manual_seed(seed), batch_size)
+        images = pipe.sample(num_samples, sampler, n_steps, None, batch_size, seed=seed)
         seconds = time.perf_counter() - t0
         entry = {"seconds": round(seconds, 2), "seconds_per_image": seconds / num_samples, **pipe.last_nfe}
-        for m, fn in extract.items():
-            entry[m] = frechet_from_stats(*gaussian_stats(fn(images)), *ref[m])
+        if clf_features is not None:
+            entry["fd_mnist"] = frechet_from_stats(*gaussian_stats(clf_features(images)), *clf_ref)
+        if inception_metrics:
+            feats = shared_features(images, incep)
+            if "fid" in metrics:
+                entry["fid"] = frechet_from_stats(*gaussian_stats(feats), ref["mu"], ref["sigma"])
+            if "kid" in metrics:
+                entry["kid"], entry["kid_std"] = kid(feats, ref["kid_features"], seed=seed)
         report["steps"][str(n_steps)] = entry
         if progress:
-            print(f"steps={n_steps}: " + ", ".join(f"{m} {entry[m]:.4g}" for m in extract)
+            print(f"steps={n_steps}: " + ", ".join(f"{m} {entry[m]:.4g}" for m in metrics)
                   + f" ({seconds:.1f} s, nfe_xhat {entry['nfe_xhat']})", file=sys.stderr, flush=True)
     return report

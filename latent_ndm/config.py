@@ -119,6 +119,7 @@ class TrainConfig:
     tf32: bool = True  # TF32 float32 matmuls/convolutions for the denoiser and VAE on Ampere+ GPUs; F and the
     # bound always run in full float32 (latent_ndm/runtime.py)
     compile: bool = False  # torch.compile the denoiser's network in place (F stays eager: forward-mode AD)
+    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: graph capture without code generation)
     channels_last: bool = False  # NHWC weights and activations (faster convolutions on GPUs and some CPUs)
     seed: int = 0
     log_every: int = 25

@@ -101,10 +101,10 @@ def announce(command: str, device: torch.device, world: int, rank: int = 0, bf16
         print(f"{command}: {describe(device, world, bf16)}", file=sys.stderr, flush=True)
 
 
-def compile_denoiser(model: torch.nn.Module) -> None:
+def compile_denoiser(model: torch.nn.Module, backend: str = "inductor") -> None:
     """torch.compile the denoiser's network of an ImageModel (or anything with .ndm) in place: its state dict
     keeps its names. F is never compiled: its dF/dt runs in forward mode, which compile does not support."""
     net = model.ndm.denoiser.net
     if not hasattr(net, "compile"):
         raise ValueError(f"{type(net).__name__} cannot be compiled in place")
-    net.compile()
+    net.compile(backend=backend)

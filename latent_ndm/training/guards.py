@@ -20,7 +20,7 @@ from latent_ndm.training.checkpoint import checkpoint_dirs, write_atomic
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.eval_every", "train.eval_examples",
                   "train.sample_every", "train.sample_steps", "train.num_samples", "train.ckpt_every",
                   "train.keep_checkpoints", "train.max_nonfinite_steps", "train.grad_accum", "train.tf32",
-                  "train.compile", "train.channels_last", "eval.", "model.fdot")
+                  "train.compile", "train.compile_backend", "train.channels_last", "eval.", "model.fdot")
 
 
 class TrainingInterrupted(Exception):

@@ -166,7 +166,7 @@ def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path
     objective = task.objective if hasattr(task.objective, "state_dict") else None
     st = TrainState(raw, EMA(raw, tc.ema_decay) if tc.ema_decay > 0 else None, optimizer, scheduler, objective)
     if tc.compile:  # after the EMA's copy (which stays eager); in place, so weights keep their names
-        compile_denoiser(raw)
+        compile_denoiser(raw, tc.compile_backend)
     model, optimizer = accelerator.prepare(_Trainee(raw, task.objective).to(device), optimizer)
 
     # Resume. Rank 0 chooses the checkpoint for everyone (out_dir must be shared by all machines).

@@ -53,6 +53,16 @@ def process_group() -> tuple[int, int]:
     return 0, 1
 
 
+def total_over_processes(n: int) -> int:
+    """The sum of a count over all processes (n itself when not distributed)."""
+    rank, world = process_group()
+    if world == 1:
+        return n
+    parts: list = [None] * world
+    dist.all_gather_object(parts, n)
+    return sum(parts)
+
+
 def open_split(cfg: DataConfig, split: str) -> SplitShards:
     """The shards of a split: the project's (checked against the configured image shape), or, in a
     folder without a manifest, another tool's (converted to the configured shape on reading)."""

@@ -19,7 +19,13 @@ from latent_ndm.core.loss import NDMLoss
 from latent_ndm.core.model import ImageModel
 from latent_ndm.core.noise import Noise
 from latent_ndm.data.shards import SplitShards, dataset_version
-from latent_ndm.data.streams import cached_eval_examples, eval_examples, train_batches
+from latent_ndm.data.streams import (
+    cached_eval_examples,
+    eval_examples,
+    process_group,
+    total_over_processes,
+    train_batches,
+)
 from latent_ndm.evaluation.nelbo import evaluate_nelbo
 from latent_ndm.sampling.samplers import ancestral
 from latent_ndm.training.loop import Task
@@ -99,11 +105,15 @@ def diffusion_task(cfg: RunConfig | LatentRunConfig, model: ImageModel, objectiv
         return images
 
     def finish(m: ImageModel, run_dir: Path) -> None:
-        images, ids, skipped = eval_examples(cfg.data, "test", e.final_examples, 0, 1)
-        report = {"nelbo": evaluate_nelbo(m, images, ids, e.num_steps, e.batch_size, e.repeats, e.seed),
-                  "skipped_unreadable": skipped}
+        # Every process evaluates its share of the test images; the terms are gathered, rank 0 writes.
+        images, ids, skipped = eval_examples(cfg.data, "test", e.final_examples)
+        report = {"nelbo": evaluate_nelbo(m, images, ids, e.num_steps, e.batch_size, e.repeats, e.seed,
+                                          distributed=True)}
+        report["skipped_unreadable"] = total_over_processes(skipped)
         if version := dataset_version(cfg.data.shards):
             report["dataset_version"] = version
-        (run_dir / "test_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if process_group()[0] == 0:
+            (run_dir / "test_report.json").write_text(json.dumps(report, indent=2) + "\n")
 
-    return Task(model, objective, stream, evaluate, sample, finish=finish, param_groups=param_groups)
+    return Task(model, objective, stream, evaluate, sample, finish=finish, param_groups=param_groups,
+                finish_on_every_rank=True)

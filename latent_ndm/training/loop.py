@@ -70,6 +70,7 @@ class Task:
     sample: Callable[[nn.Module, torch.Generator], Tensor] | None = None  # -> uint8 images
     sample_nrow: int | None = None  # images per row of the sample grid (default: square)
     finish: Callable[[nn.Module, Path], None] | None = None  # rank 0, after the last step, with the eval model
+    finish_on_every_rank: bool = False  # finish runs on every process (it shares the work and writes on rank 0)
     param_groups: Callable[[nn.Module], list[dict]] | None = None  # optimizer groups (default: one, train.lr)
 
 
@@ -223,7 +224,7 @@ def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path
                 raise TrainingInterrupted(stop.received or signal.SIGTERM, st.step, path)
     if st.saved_step != st.step:
         _checkpoint(st, run_dir, tc.keep_checkpoints, accelerator)
-    if task.finish is not None and is_main:
+    if task.finish is not None and (is_main or task.finish_on_every_rank):
         task.finish(st.eval_model, run_dir)
     accelerator.wait_for_everyone()
     # The process group stays up (no end_training): callers may evaluate across processes next.

@@ -91,6 +91,24 @@ def test_short_training_is_clearly_above_chance_and_saves(trained: tuple[Path, d
     assert json.loads((out / "report.json").read_text())["test_accuracy"] == report["test_accuracy"]
 
 
+def test_legibility_share_and_class_entropy(trained: tuple[Path, dict], mnist_shards: Path) -> None:
+    from latent_ndm.evaluation.classifier import legibility
+
+    clf = ImageClassifier.from_pretrained(trained[0])
+    test = torch.from_numpy(read_split(mnist_shards, "test").images)  # 50 of each class
+    probs = clf.probabilities(test)
+    real = legibility(clf, test)
+    assert real["legible_share"] == pytest.approx((probs.max(-1).values >= 0.9).double().mean().item())
+    counts = torch.bincount(probs.argmax(-1), minlength=10).double()
+    p = counts[counts > 0] / counts.sum()
+    assert real["class_entropy_bits"] == pytest.approx(-(p * p.log2()).sum().item())
+    assert 3.0 < real["class_entropy_bits"] <= math.log2(10) + 1e-12  # balanced test set, mostly right
+    ones = test[torch.from_numpy(read_split(mnist_shards, "test").labels) == 1]
+    assert legibility(clf, ones)["class_entropy_bits"] < 1.0  # one class: little diversity
+    noise = torch.randint(0, 256, (200, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert legibility(clf, noise)["legible_share"] < real["legible_share"]
+
+
 def test_classifier_save_load_round_trip_gives_identical_features(tmp_path: Path, mnist_shards: Path) -> None:
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -145,6 +163,7 @@ def test_cli_fd_mnist_report(trained: tuple[Path, dict], mnist_shards: Path, tmp
         entry = q["steps"][steps]
         assert entry["nfe_xhat"] == int(steps) == entry["nfe_f"] and entry["seconds"] >= 0
         assert math.isfinite(entry["fd_mnist"]) and entry["fd_mnist"] > q["reference"]["fd_mnist_train_vs_test"]
+        assert 0 <= entry["legibility"]["legible_share"] <= 1 and entry["legibility"]["num_images"] == 12
     capsys.readouterr()
     assert main(["evaluate", str(model), "--metrics", "fd_mnist", "--classifier", str(tmp_path / "none")]) == 1
     assert "train_classifier.sh" in capsys.readouterr().err

@@ -85,6 +85,11 @@ class ImageClassifier(nn.Module):
         """Predicted labels [N] of uint8 images."""
         return self.head(self.features(images, batch_size).to(self.head.weight.device)).argmax(-1).cpu()
 
+    @torch.no_grad()
+    def probabilities(self, images: Tensor, batch_size: int = 500) -> Tensor:
+        """Class probabilities [N, num_classes] of uint8 images."""
+        return self.head(self.features(images, batch_size).to(self.head.weight.device)).softmax(-1).cpu()
+
     def save_pretrained(self, path: str | Path) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -104,6 +109,18 @@ class ImageClassifier(nn.Module):
         model = cls(cfg)
         load_weights(model, path / WEIGHTS)
         return model.to(device).eval()
+
+
+def legibility(model: ImageClassifier, images: Tensor, threshold: float = 0.9) -> dict[str, float]:
+    """How readable images are to the classifier: the share it assigns to one class with probability >=
+    threshold, and the entropy (bits) of the distribution of predicted classes (diversity; log2 of the number
+    of classes when every class is drawn equally often)."""
+    probs = model.probabilities(images)
+    counts = torch.bincount(probs.argmax(-1), minlength=probs.shape[1]).double()
+    share = counts[counts > 0] / counts.sum()
+    return {"legible_share": float((probs.max(-1).values >= threshold).double().mean()),
+            "class_entropy_bits": float(-(share * share.log2()).sum()), "threshold": threshold,
+            "num_images": len(images)}
 
 
 def split_labels(shards: SplitShards, strict: bool = False) -> Tensor:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from latent_ndm.evaluation.classifier import ImageClassifier
+from latent_ndm.evaluation.classifier import ImageClassifier, legibility
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"  # docs only
@@ -338,7 +338,7 @@ def sample_quality(pipe, classifier: ImageClassifier | str | Path | None = None,
         train, _, _ = eval_examples(pipe.config.data, "train", num_samples, 0, 1)
         clf_ref = gaussian_stats(clf_features(test))
         report["reference"] |= {"fd_mnist_against": f"all {len(test)} test images", "test_images": len(test),
-                                "train_images": len(train),
+                                "train_images": len(train), "test_legibility": legibility(clf, test),
                                 "fd_mnist_train_vs_test": frechet_from_stats(*gaussian_stats(clf_features(train)),
                                                                              *clf_ref)}
     if inception_metrics:
@@ -372,6 +372,7 @@ def sample_quality(pipe, classifier: ImageClassifier | str | Path | None = None,
         entry = {"seconds": round(seconds, 2), "seconds_per_image": seconds / num_samples, **pipe.last_nfe}
         if clf_features is not None:
             entry["fd_mnist"] = frechet_from_stats(*gaussian_stats(clf_features(images)), *clf_ref)
+            entry["legibility"] = legibility(clf, images)
         if inception_metrics:
             feats = shared_features(images, incep)
             if "fid" in metrics:

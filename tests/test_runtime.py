@@ -136,8 +136,14 @@ def test_two_processes_sample_and_evaluate_exactly_as_one(mnist_shards: Path, tm
 
 
 @pytest.mark.slow  # builds and times every model of the check once
-def test_gpu_check_runs_on_a_cpu(tmp_path: Path) -> None:
-    from latent_ndm.experiments import gpu_check
+def test_gpu_check_runs_on_a_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from latent_ndm.experiments import benchmark, benchmark_convs, gpu_check
+
+    # The matmul peak (up to 3072^3 products, ~20 s on 2 cores over the check) at a small size: the test
+    # checks the wiring, not the figure.
+    small = lambda dtype, device="cpu": benchmark_convs.matmul_peak(dtype, device, sizes=(256,), reps=1)  # noqa: E731
+    monkeypatch.setattr(benchmark, "matmul_peak", small)
+    monkeypatch.setattr(gpu_check, "matmul_peak", small)
 
     assert gpu_check.main(["--device", "cpu", "--quick", "--no-compile", "--out", str(tmp_path / "check")]) == 0
     report = json.loads((tmp_path / "check.json").read_text())

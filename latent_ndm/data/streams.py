@@ -228,6 +228,13 @@ def train_batches(cfg: DataConfig, batch_size: int, seed: int, start_step: int =
                     num_lanes, sum(p["skipped"] for p in parts))
 
 
+def share_of_split(num_shards: int, rank: int, world: int) -> tuple[Callable[[int], bool], Callable[[int], bool]]:
+    """(keep_shard(j), keep(id)) of process `rank` in a pass over a split: whole shards per process when there
+    are at least as many shards as processes, otherwise every W-th example."""
+    by_shard = num_shards >= world
+    return (lambda j: not by_shard or j % world == rank), (lambda i: by_shard or i % world == rank)
+
+
 def eval_examples(cfg: DataConfig, split: str = "test", num: int | None = None, rank: int | None = None,
                   world: int | None = None) -> tuple[Tensor, Tensor, int]:
     """This process's share of one deterministic pass over a split: (uint8 images, ids, skipped).
@@ -242,13 +249,10 @@ def eval_examples(cfg: DataConfig, split: str = "test", num: int | None = None, 
     chosen = None
     if num is not None and num < shards.count:
         chosen = set(torch.linspace(0, shards.count - 1, num).round().long().tolist())
-    by_shard = len(shards.urls) >= world
-
-    def keep_shard(j: int) -> bool:
-        return not by_shard or j % world == rank
+    keep_shard, mine = share_of_split(len(shards.urls), rank, world)
 
     def keep(i: int) -> bool:
-        return (by_shard or i % world == rank) and (chosen is None or i in chosen)
+        return mine(i) and (chosen is None or i in chosen)
 
     stats = ReadStats(cfg.strict)
     items = list(iterate_split(shards, stats, keep_shard, keep))

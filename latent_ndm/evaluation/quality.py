@@ -32,6 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from latent_ndm.evaluation.classifier import ImageClassifier, legibility
+from latent_ndm.training.checkpoint import sha256_file
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"  # docs only
@@ -174,14 +175,6 @@ def kid(features_a: Tensor, features_b: Tensor, subsets: int = 100, subset_size:
 KID_POOL = 10_000  # training features kept for KID (evenly spaced ids)
 
 
-def _digest_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _shard_fingerprint(data) -> str:
     """What the train images are: the manifest (or another tool's shard index) and the image shape."""
     from latent_ndm.data.shards import INDEX, MANIFEST
@@ -192,11 +185,6 @@ def _shard_fingerprint(data) -> str:
         if (folder / name).is_file():
             h.update((folder / name).read_bytes())
     return h.hexdigest()
-
-
-def _share(count: int, shards_n: int, rank: int, world: int):
-    by_shard = shards_n >= world
-    return (lambda j: not by_shard or j % world == rank), (lambda i: by_shard or i % world == rank)
 
 
 def _gather(obj):
@@ -217,7 +205,7 @@ def reference_statistics(data, name: str, extract: Callable[[Tensor], Tensor], e
     import numpy as np
 
     from latent_ndm.data.shards import ReadStats, iterate_split
-    from latent_ndm.data.streams import open_split, process_group
+    from latent_ndm.data.streams import open_split, process_group, share_of_split
 
     key = hashlib.sha256(f"{_shard_fingerprint(data)}|{name}|{extractor_digest}".encode()).hexdigest()[:16]
     folder = Path(data.shards) if Path(data.shards).is_dir() else Path(data.shards).parent
@@ -228,7 +216,7 @@ def reference_statistics(data, name: str, extract: Callable[[Tensor], Tensor], e
                     "kid_features": torch.from_numpy(f["kid_features"]), "path": str(path), "cached": True}
     shards = open_split(data, "train")
     rank, world = process_group()
-    keep_shard, keep = _share(shards.count, len(shards.urls), rank, world)
+    keep_shard, keep = share_of_split(len(shards.urls), rank, world)
     stride = max(1, shards.count // KID_POOL)
     n, total, outer, pool = 0, None, None, {}
     batch: list[Tensor] = []
@@ -349,7 +337,7 @@ def sample_quality(pipe, classifier: ImageClassifier | str | Path | None = None,
         def incep(images: Tensor) -> Tensor:
             return inception_features(images, inception)
 
-        ref = reference_statistics(pipe.config.data, "inception2048", incep, _digest_file(weights), progress=progress)
+        ref = reference_statistics(pipe.config.data, "inception2048", incep, sha256_file(weights), progress=progress)
         test, _, _ = eval_examples(pipe.config.data, "test", num_samples, 0, 1)
         test_feats = shared_features(test, incep)
         report["reference"] |= {"against": f"all {ref['count']} training images", "stats_file": ref["path"],

@@ -64,7 +64,8 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
     _fsync(path.parent)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB pieces."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -127,7 +128,7 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         if size != expect["bytes"]:
             raise CheckpointError(f"checkpoint {path} is damaged: {name} has {size} bytes, the manifest says "
                                   f"{expect['bytes']} (truncated?)")
-        if "sha256" in expect and _sha256(f) != expect["sha256"]:
+        if "sha256" in expect and sha256_file(f) != expect["sha256"]:
             raise CheckpointError(f"checkpoint {path} is damaged: the contents of {name} differ from what was "
                                   "written (sha256 mismatch)")
     return manifest
@@ -237,7 +238,7 @@ def save_checkpoint(
             os.fsync(f.fileno())
         files["state.pt"] = None
         # Hashes of the bytes as they lie on disk (read back), so verification compares like with like.
-        files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files}
+        files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in files}
         _write_durably(tmp / MANIFEST, json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1).encode())
         _fsync(tmp)
     except OSError as e:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latent_ndm.evaluation.images import save_grid
+from latent_ndm.evaluation.images import save_grid, save_samples
 from latent_ndm.sampling.samplers import SAMPLERS, get_sampler
 from latent_ndm.tasks.pixel import pixel_task
 from latent_ndm.training.checkpoint import CheckpointError
@@ -168,6 +168,8 @@ def cmd_evaluate(argv: list[str]) -> int:
     p.add_argument("--sampler", default="ancestral", help=f"fd_mnist / fid: one of {', '.join(SAMPLERS)}")
     p.add_argument("--seed", type=int, default=0, help="fd_mnist / fid: seed of the sampling noise (every setting)")
     p.add_argument("--sample-batch-size", type=int, default=256, help="fd_mnist / fid: samples per sampler call")
+    p.add_argument("--save-samples", type=Path, default=None, help="fd_mnist / fid: also write each setting's "
+                   "samples here as a PNG grid and .npz (as sample.sh names them)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--shards", default=None, help="test shards to read (default: the run's data.shards)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
@@ -226,7 +228,9 @@ def cmd_evaluate(argv: list[str]) -> int:
 
         report["sample_quality"] = sample_quality(
             pipe, args.classifier if "fd_mnist" in quality else None, args.sample_steps, args.num_samples,
-            args.sampler, args.seed, quality, args.inception_weights, args.sample_batch_size, progress=rank == 0)
+            args.sampler, args.seed, quality, args.inception_weights, args.sample_batch_size, progress=rank == 0,
+            on_images=None if args.save_samples is None or rank != 0 else
+            lambda steps, images, nfe: save_samples(images, args.save_samples, args.sampler, steps, args.seed, **nfe))
     if rank != 0:
         return 0
     text = json.dumps(report, indent=2)
@@ -293,11 +297,8 @@ def cmd_sample(argv: list[str]) -> int:
     seconds = time.perf_counter() - t0
     if rank != 0:
         return 0
-    stem = f"{args.sampler}_steps{args.steps or 'default'}_seed{args.seed}"
-    save_grid(images, out / f"{stem}.png")
-    np.savez_compressed(out / f"{stem}.npz", images=images.numpy(), sampler=args.sampler, seed=args.seed,
-                        steps=args.steps or 0, **pipe.last_nfe)
-    print(json.dumps({"png": str(out / f"{stem}.png"), "npz": str(out / f"{stem}.npz"), "seconds": round(seconds, 2),
+    files = save_samples(images, out, args.sampler, args.steps, args.seed, **pipe.last_nfe)
+    print(json.dumps({**files, "seconds": round(seconds, 2),
                       "seconds_per_image": seconds / args.num, "processes": world, "device": str(device),
                       **pipe.last_nfe}, indent=2))
     return 0

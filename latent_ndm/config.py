@@ -71,8 +71,11 @@ class ModelConfig:
     is_bins: int = 100  # bins of the piecewise-constant proposal
     is_decay: float = 0.99  # EMA decay of the per-bin second moments that set the proposal
     is_uniform_mix: float = 0.1  # proposal = (1-m) * learned + m * uniform, keeps 1/p(t) bounded
-    theta_weighting: str = "elbo"  # elbo | eps_mse: theta alone trains on the eps-MSE reweighting of the
-    # diffusion term (sample quality); phi, the schedule and a VAE stay on the bound, the reported loss is the bound
+    theta_weighting: str = "elbo"  # elbo | eps_mse | sigmoid: theta alone trains on a reweighting of the diffusion
+    # term for sample quality (eps_mse: DDPM's eps-MSE under this schedule, the bound itself for a linear one;
+    # sigmoid: sigmoid(gamma(t) + theta_sigmoid_bias), less weight on low noise); phi, the schedule and a VAE
+    # stay on the bound, and the reported loss is always the bound
+    theta_sigmoid_bias: float = 2.0  # theta_weighting=sigmoid: b of sigmoid(b - log SNR) (Kingma & Gao, 2023)
     mixing: bool = False  # LSGM's mixed prediction: xhat = (1-a) alpha_t z_t + a xhat_net, a per channel, learned
     mixing_logit_init: float = -6.0  # logit of a at initialisation (LSGM's value: mostly the N(0, I) optimum)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -288,12 +291,15 @@ def validate(cfg: RunConfig | VAERunConfig | LatentRunConfig) -> None:
         "model.parameterization": (m.parameterization, ("eps", "x")),
         "model.likelihood": (m.likelihood, ("discrete8bit", "gaussian")),
         "model.fdot": (m.fdot, ("auto", "tangent", "jvp", "forward_ad", "fd")),
-        "model.theta_weighting": (m.theta_weighting, ("elbo", "eps_mse")),
+        "model.theta_weighting": (m.theta_weighting, ("elbo", "eps_mse", "sigmoid")),
         "model.schedule.kind": (m.schedule.kind, ("linear", "cosine", "learned")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} = {value!r}; choose one of {', '.join(allowed)}")
+    if m.theta_weighting == "eps_mse" and m.schedule.kind == "linear":
+        raise ConfigError("model.theta_weighting=eps_mse with a linear schedule is the bound itself (gamma' is "
+                          "constant, so r = 1): use theta_weighting=sigmoid, or a cosine or learned schedule")
     if m.num_steps < 0:
         raise ConfigError(f"model.num_steps = {m.num_steps}; use 0 for continuous time or T >= 1")
     if not m.schedule.gamma_min < m.schedule.gamma_max:

@@ -82,24 +82,25 @@ def _grads(model: NDM, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, T: i
     return {n: p.grad.clone() for n, p in model.named_parameters()}, diff.detach()
 
 
+@pytest.mark.parametrize("weighting", ["eps_mse", "sigmoid"])
 @pytest.mark.parametrize("T", [0, 10])
-def test_eps_mse_weighting_reweights_theta_only(T: int) -> None:
+def test_theta_weighting_reweights_theta_only(T: int, weighting: str) -> None:
     torch.manual_seed(0)
     model = NDM(LearnedGamma(-10.0, 5.0, hidden=16), NeuralTransform(perturbed(unet(), 1)),
                 Denoiser(perturbed(unet(), 2), "eps", mixing_channels=2), "gaussian", T).double()
     x, eps = torch.randn(4, 2, 4, 4, dtype=torch.float64), torch.randn(4, 2, 4, 4, dtype=torch.float64)
     t = torch.tensor([0.1, 0.3, 0.6, 0.9] if T == 0 else [0.1, 0.3, 0.6, 1.0], dtype=torch.float64)
     elbo, value = _grads(model, x, t, eps, T)
-    reweighted, value_rw = _grads(model, x, t, eps, T, "eps_mse")
-    # The weight, independently: (gamma(1) - gamma(0)) / gamma'(t) by central differences, or its discrete
-    # analogue (gamma(1) - gamma(0)) / (T (gamma(t) - gamma(t - 1/T))).
+    reweighted, value_rw = _grads(model, x, t, eps, T, weighting)
+    # The weight, independently. eps_mse: (gamma(1) - gamma(0)) / gamma'(t) by central differences, or its
+    # discrete analogue (gamma(1) - gamma(0)) / (T (gamma(t) - gamma(t - 1/T))); sigmoid: 1 / (1 + e^-(gamma + 2)).
     with torch.no_grad():
         g = model.schedule
         span = g(torch.ones(1, dtype=torch.float64)) - g(torch.zeros(1, dtype=torch.float64))
         h = 1e-6
         rate = (g(t + h) - g(t - h)) / (2 * h) if T == 0 else T * (g(t) - g(t - 1 / T))
-        r = span / rate
-    assert r.max() / r.min() > 1.4  # a learned schedule makes the reweighting non-trivial
+        r = span / rate if weighting == "eps_mse" else 1 / (1 + torch.exp(-(g(t) + 2.0)))
+    assert r.max() / r.min() > 1.4  # the reweighting is non-trivial
     expected_theta, _ = _grads(model, x, t, eps, T, weight=r)
     torch.testing.assert_close(value_rw, value)  # the reported loss is still the bound
     for name in elbo:
@@ -121,6 +122,14 @@ def test_eps_mse_weighting_is_the_elbo_for_a_linear_schedule() -> None:
     rw, _ = _grads(model, x, t, eps, 0, "eps_mse")
     for name in elbo:
         torch.testing.assert_close(rw[name], elbo[name], msg=name)
+
+
+def test_eps_mse_with_a_linear_schedule_is_refused_as_the_bound_itself() -> None:
+    with pytest.raises(ConfigError, match="is the bound itself"):
+        load_config("configs/latent_ndm_mnist.yaml", ["model.theta_weighting=eps_mse"], schema=LatentRunConfig)
+    cfg = load_config("configs/latent_ndm_mnist.yaml", ["model.theta_weighting=eps_mse", "model.schedule.kind=cosine"],
+                      schema=LatentRunConfig)
+    assert cfg.model.theta_weighting == "eps_mse"
 
 
 def test_eps_mse_weight_averages_one_only_for_the_linear_schedule() -> None:
@@ -190,8 +199,8 @@ def test_kl_annealing_weights_the_vaes_gradient_and_not_the_priors() -> None:
 def test_every_part_gets_gradient_in_stage_three_and_none_reaches_a_frozen_vae() -> None:
     torch.manual_seed(0)
     images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
-    model, loss = _latent_model(["model.mixing=true", "model.theta_weighting=eps_mse"])
-    assert loss.theta_weighting == "eps_mse"
+    model, loss = _latent_model(["model.mixing=true", "model.theta_weighting=sigmoid"])
+    assert loss.theta_weighting == "sigmoid"
     nats, _ = NELBOObjective(loss, 64)(model, images, Noise.per_example(range(4), "cpu", 0))
     nats.mean().backward()
     parts = {"encoder": model.codec.vae.encoder, "decoder": model.codec.vae.decoder, "theta": model.ndm.denoiser.net,

@@ -153,8 +153,15 @@ def test_cli_fd_mnist_report(trained: tuple[Path, dict], mnist_shards: Path, tmp
     model = tiny_pixel_model(tmp_path, mnist_shards, "model.num_steps=3")  # discrete: steps > 3 are skipped
     out = tmp_path / "q.json"
     assert main(["evaluate", str(model), "--metrics", "fd_mnist", "--classifier", str(trained[0]),
-                 "--sample-steps", "1,3,10", "--num-samples", "12", "--out", str(out)]) == 0
+                 "--sample-steps", "1,3,10", "--num-samples", "12", "--out", str(out),
+                 "--save-samples", str(tmp_path / "saved")]) == 0
     q = json.loads(out.read_text())["sample_quality"]
+    # The figures' samples are saved as sample.sh writes them: the same images for the same seed and steps.
+    assert sorted(f.name for f in (tmp_path / "saved").iterdir()) == [
+        f"ancestral_steps{s}_seed0.{e}" for s in (1, 3) for e in ("npz", "png")]
+    assert main(["sample", str(model), "-n", "12", "--steps", "3", "--out", str(tmp_path / "sampled")]) == 0
+    saved, sampled = (np.load(d / "ancestral_steps3_seed0.npz") for d in (tmp_path / "saved", tmp_path / "sampled"))
+    assert saved["images"].shape == (12, 1, 28, 28) and np.array_equal(saved["images"], sampled["images"])
     assert "NOT FID" in q["definitions"]["fd_mnist"] and q["num_samples"] == 12 and q["sampler"] == "ancestral"
     assert q["reference"]["test_images"] == 500 and q["reference"]["train_images"] == 12
     assert q["reference"]["fd_mnist_train_vs_test"] > 0

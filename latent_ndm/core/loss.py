@@ -16,7 +16,7 @@ from latent_ndm.core.ndm import NDM
 from latent_ndm.core.noise import Noise
 from latent_ndm.core.timesteps import ImportanceSampler
 
-THETA_WEIGHTINGS = ("elbo", "eps_mse")
+THETA_WEIGHTINGS = ("elbo", "eps_mse", "sigmoid")
 
 
 class NDMLoss(nn.Module):
@@ -25,19 +25,22 @@ class NDMLoss(nn.Module):
     proposal: the importance proposal for t (continuous time, used while training only). The loss
     densities it learns from are kept until `update_proposal`, which the training loop calls once per
     optimizer step on every process (it gathers the global batch: a collective, made explicit there).
-    theta_weighting: 'elbo' (the bound) or 'eps_mse': theta alone follows the bound reweighted per
-    example by r = (gamma(1) - gamma(0)) / gamma'(t) (discrete time: gamma'(t) -> T (gamma(t) - gamma(s))),
-    which turns the likelihood weighting of F = identity into DDPM's unweighted eps-MSE. r averages 1
-    over uniform t only for a linear schedule (about 2.05 for the cosine one from -13.3 to 5): the
-    constant only rescales theta's learning rate. phi, the schedule and a VAE stay on the bound, and
-    the returned values are always the bound's terms.
+    theta_weighting: 'elbo' (the bound), or theta alone follows the bound reweighted per example by r(t):
+    - 'eps_mse': r = (gamma(1) - gamma(0)) / gamma'(t) (discrete time: gamma'(t) -> T (gamma(t) - gamma(s))),
+      which turns the likelihood weighting of F = identity into DDPM's unweighted eps-MSE under this
+      schedule: r = 1 for a linear schedule (the bound itself), about 2.05 on average for the cosine one
+      from -13.3 to 5 (the constant only rescales theta's learning rate);
+    - 'sigmoid': r = sigmoid(gamma(t) + sigmoid_bias), Kingma & Gao's (2023) monotone weighting
+      sigmoid(b - log SNR): the low-noise levels, which dominate the bound but not the samples, weigh less.
+    phi, the schedule and a VAE stay on the bound, and the returned values are always the bound's terms.
     """
 
-    def __init__(self, proposal: ImportanceSampler | None = None, theta_weighting: str = "elbo"):
+    def __init__(self, proposal: ImportanceSampler | None = None, theta_weighting: str = "elbo",
+                 sigmoid_bias: float = 2.0):
         super().__init__()
         if theta_weighting not in THETA_WEIGHTINGS:
             raise ValueError(f"theta_weighting must be one of {', '.join(THETA_WEIGHTINGS)}, got {theta_weighting!r}")
-        self.proposal, self.theta_weighting = proposal, theta_weighting
+        self.proposal, self.theta_weighting, self.sigmoid_bias = proposal, theta_weighting, sigmoid_bias
         self._seen: list[tuple[Tensor, Tensor]] = []  # (t, unweighted L_diff) since the last update
 
     def forward(self, ndm: NDM, x: Tensor, noise: Noise | torch.Generator | None = None,
@@ -66,10 +69,12 @@ class NDMLoss(nn.Module):
         return {"rec": ndm.reconstruction_loss(x, eps_0), "diff": diff * weight, "prior": ndm.prior_loss(x)}
 
     def theta_grad_scale(self, ndm: NDM, t: Tensor, num_steps: int) -> Tensor | None:
-        """r [B] of the eps_mse weighting (None for the bound, or when no gradient is taken)."""
+        """r [B] of theta's weighting (None for the bound, or when no gradient is taken)."""
         if self.theta_weighting == "elbo" or not torch.is_grad_enabled():
             return None
         with torch.no_grad():
+            if self.theta_weighting == "sigmoid":
+                return torch.sigmoid(ndm.gamma(t) + self.sigmoid_bias)
             span = ndm.gamma(torch.ones_like(t)) - ndm.gamma(torch.zeros_like(t))
             if num_steps > 0:
                 s = ((t * num_steps).round() - 1) / num_steps

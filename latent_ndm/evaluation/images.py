@@ -1,4 +1,4 @@
-"""Writing image grids."""
+"""Writing image grids and sample files."""
 
 from __future__ import annotations
 
@@ -32,3 +32,15 @@ def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
     return path
+
+
+def save_samples(images: Tensor, out_dir: str | Path, sampler: str, steps: int | None, seed: int,
+                 **meta) -> dict[str, str]:
+    """Samples as a PNG grid and an .npz (images, sampler, steps, seed and `meta`, e.g. the NFE), both named
+    {sampler}_steps{steps}_seed{seed}; returns their paths."""
+    out_dir = Path(out_dir)
+    stem = f"{sampler}_steps{steps or 'default'}_seed{seed}"
+    png = save_grid(images, out_dir / f"{stem}.png")
+    np.savez_compressed(out_dir / f"{stem}.npz", images=images.cpu().numpy(), sampler=sampler, seed=seed,
+                        steps=steps or 0, **meta)
+    return {"png": str(png), "npz": str(out_dir / f"{stem}.npz")}

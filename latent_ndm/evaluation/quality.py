@@ -285,7 +285,7 @@ def sample_quality(pipe, classifier: ImageClassifier | str | Path | None = None,
                    steps: Sequence[int] = (10, 100, 1000), num_samples: int | None = None,
                    sampler: str = "ancestral", seed: int = 0, metrics: Sequence[str] = ("fd_mnist",),
                    inception_weights: str | Path | None = None, batch_size: int = 256,
-                   progress: bool = False) -> dict:
+                   progress: bool = False, on_images: Callable[[int, Tensor, dict], object] | None = None) -> dict:
     """Sample quality of a pipeline (NDMPipeline, pixel or latent) at several numbers of sampling steps.
 
     For each steps value, `num_samples` images from `sampler` (default 50,000 for fid/kid, 500 for fd_mnist),
@@ -297,7 +297,8 @@ def sample_quality(pipe, classifier: ImageClassifier | str | Path | None = None,
     - 'fd_mnist': against the test images, in the features of the project's MNIST classifier (NOT FID;
       offline); 'reference' gives num_samples evenly spaced train images against them.
     The report records N, the reference set, the sampler, the steps and the seed. A discrete model (T steps)
-    skips steps > T.
+    skips steps > T. on_images(steps, images, nfe), when given, receives each setting's samples (e.g. to save
+    them: the figures and the pictures then come from the same images).
     """
     from latent_ndm.data.streams import eval_examples
 
@@ -358,6 +359,8 @@ def sample_quality(pipe, classifier: ImageClassifier | str | Path | None = None,
         images = pipe.sample(num_samples, sampler, n_steps, None, batch_size, seed=seed)
         seconds = time.perf_counter() - t0
         entry = {"seconds": round(seconds, 2), "seconds_per_image": seconds / num_samples, **pipe.last_nfe}
+        if on_images is not None:
+            on_images(n_steps, images, dict(pipe.last_nfe))
         if clf_features is not None:
             entry["fd_mnist"] = frechet_from_stats(*gaussian_stats(clf_features(images)), *clf_ref)
             entry["legibility"] = legibility(clf, images)

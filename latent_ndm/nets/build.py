@@ -73,4 +73,4 @@ def build_loss(cfg: ModelConfig) -> NDMLoss:
     proposal = None
     if cfg.num_steps == 0 and cfg.importance_sampling:
         proposal = ImportanceSampler(cfg.is_bins, cfg.is_decay, cfg.is_uniform_mix)
-    return NDMLoss(proposal, cfg.theta_weighting)
+    return NDMLoss(proposal, cfg.theta_weighting, cfg.theta_sigmoid_bias)

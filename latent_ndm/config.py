@@ -61,7 +61,9 @@ class NetConfig:
 
 @dataclass
 class ModelConfig:
-    transform: str = "neural"  # neural: F(x,t) = x + t*NN(x,t) (NDM) | identity: F(x,t) = x (DDPM/VDM)
+    transform: str = "neural"  # neural: F(x,t) = x + t*NN(x,t) (NDM) | identity: F(x,t) = x (DDPM/VDM) |
+    # separable: F(x,t) = x + sum_k t^k NN_k(x), k = 1..transform_basis (dF/dt in closed form, no tangent pass)
+    transform_basis: int = 4  # transform=separable: K, the number of basis functions t^k
     num_steps: int = 0  # T of the discrete-time NELBO; 0 = continuous time
     parameterization: str = "eps"  # the denoiser predicts eps (xhat = (z - sigma*eps)/alpha) or x directly
     likelihood: str = "discrete8bit"  # p(x|z_0): discrete8bit (256 bins per pixel) | gaussian (latents)
@@ -287,7 +289,7 @@ def validate(cfg: RunConfig | VAERunConfig | LatentRunConfig) -> None:
         if cfg.latents and cfg.data.hflip:
             raise ConfigError("data.hflip flips images, but pre-encoded latents (latents=...) are of unflipped images")
     choices = {
-        "model.transform": (m.transform, ("neural", "identity")),
+        "model.transform": (m.transform, ("neural", "identity", "separable")),
         "model.parameterization": (m.parameterization, ("eps", "x")),
         "model.likelihood": (m.likelihood, ("discrete8bit", "gaussian")),
         "model.fdot": (m.fdot, ("auto", "tangent", "jvp", "forward_ad", "fd")),
@@ -304,7 +306,12 @@ def validate(cfg: RunConfig | VAERunConfig | LatentRunConfig) -> None:
         raise ConfigError(f"model.num_steps = {m.num_steps}; use 0 for continuous time or T >= 1")
     if not m.schedule.gamma_min < m.schedule.gamma_max:
         raise ConfigError("model.schedule.gamma_min must be below gamma_max")
-    if m.transform == "neural" and (m.transform_net.dropout or 0.0) > 0:
+    if m.transform == "separable" and m.transform_basis < 1:
+        raise ConfigError(f"model.transform_basis = {m.transform_basis}; the separable F needs K >= 1")
+    if m.transform == "separable" and m.fdot == "tangent":
+        raise ConfigError("model.fdot=tangent is the U-Net's tangent pass; the separable F's dF/dt is closed form "
+                          "(auto), with jvp, forward_ad and fd as references")
+    if m.transform != "identity" and (m.transform_net.dropout or 0.0) > 0:
         raise ConfigError("model.transform_net.dropout must be 0: F must be deterministic (see ndm.build_ndm)")
     # A latent prior's networks see latents, whose size depends on the saved VAE: build_dit checks it there.
     image_size = None if isinstance(cfg, LatentRunConfig) else cfg.data.image_size

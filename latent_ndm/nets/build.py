@@ -14,7 +14,7 @@ from latent_ndm.core.loss import NDMLoss
 from latent_ndm.core.ndm import NDM, Denoiser
 from latent_ndm.core.schedules import CosineGamma, LearnedGamma, LinearGamma, Schedule
 from latent_ndm.core.timesteps import ImportanceSampler
-from latent_ndm.core.transforms import IdentityTransform, NeuralTransform, Transform
+from latent_ndm.core.transforms import IdentityTransform, NeuralTransform, SeparableTransform, Transform
 from latent_ndm.nets.unet import build_unet
 
 
@@ -55,8 +55,12 @@ def build_ndm(cfg: ModelConfig, channels: int, image_size: int) -> NDM:
     else:
         # F must be deterministic: F(x, .) and F(xhat, .) are separate evaluations whose difference is the
         # loss, and independent dropout masks would add an O(1) term that T/v or SNR/gamma' amplifies.
-        net = build_net(cfg.transform_net, channels, channels, image_size, dropout=0.0)
-        transform = NeuralTransform(net, cfg.fdot)
+        if cfg.transform == "separable":  # one output group per basis function, no time dependence
+            net = build_net(cfg.transform_net, channels, channels * cfg.transform_basis, image_size, dropout=0.0)
+            transform = SeparableTransform(net, cfg.transform_basis, cfg.fdot)
+        else:
+            net = build_net(cfg.transform_net, channels, channels, image_size, dropout=0.0)
+            transform = NeuralTransform(net, cfg.fdot)
     ndm = NDM(build_schedule(cfg.schedule), transform, denoiser, cfg.likelihood, cfg.num_steps,
               (channels, image_size, image_size))
     ndm.config = {"model": to_dict(cfg), "channels": channels, "image_size": image_size}  # NDM.save_pretrained

@@ -51,7 +51,7 @@ print(f"\ntest NELBO of the whole model, bits/dim (MNIST subset, {report['vae (s
 for key, r in report.items():
     if key != "wall_seconds":
         print(f"  {key:<34} {r['bpd']:.3f} +- {r['bpd_stderr']:.3f}")
-quality = json.load(open(f"{out}/quality.json"))
+quality = json.load(open(f"{out}/quality.json"))["sample_quality"]
 real = quality["reference"]["test_legibility"]
 for steps, q in quality["steps"].items():
     leg = q["legibility"]

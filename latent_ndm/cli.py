@@ -19,6 +19,7 @@ from latent_ndm.tasks.pixel import pixel_task
 from latent_ndm.training.checkpoint import CheckpointError
 from latent_ndm.training.loop import TrainingInterrupted, train
 from latent_ndm.training.malloc import keep_freed_memory
+from latent_ndm.training.runlock import RunLockError
 
 from .config import ConfigError, LatentRunConfig, RunConfig, VAERunConfig, load_config
 
@@ -380,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:  # SIGTERM/SIGINT: checkpointed, resumable; the shell's exit code for it
         print(f"stopped: {e}", file=sys.stderr)
         return 128 + e.signum
-    except (ConfigError, CheckpointError, FloatingPointError, ModuleNotFoundError, OSError, ValueError) as e:
+    except (ConfigError, CheckpointError, FloatingPointError, ModuleNotFoundError, OSError, ValueError,
+            RunLockError) as e:
         # One readable line for what users can fix (bad config, data, paths, a full disk); no traceback.
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -6,8 +6,10 @@ optimizer state and logged losses equal an uninterrupted run's, bit for bit.
 
 Each run is `python -m latent_ndm.cli train` in its own process group, killed with SIGKILL (the whole
 group, data workers included, as a pre-empted machine would be). After every kill it checks that the
-newest complete checkpoint verifies against its manifest, and that the next start resumes from exactly
-that checkpoint. Writes OUT/crashtest.json; exits non-zero when any check fails.
+newest complete checkpoint verifies against its manifest, and that the next start takes over the lock the
+killed job left and resumes from exactly that checkpoint. A last trial starts the same command twice at once
+on a fresh run directory: one start must train (bitwise the uninterrupted run), the other be refused at once.
+Writes OUT/crashtest.json; exits non-zero when any check fails.
 """
 
 from __future__ import annotations
@@ -148,6 +150,8 @@ def run(trials: int, steps: int, ckpt_every: int, out: Path, shards: Path | None
             break
     if results[-1]["exit"] != 0:  # every kill came after the run ended: finish it
         raise RuntimeError("the crashed run did not finish")
+    concurrent = _concurrent_launch(_command(config, "concurrent", out, shards, steps, ckpt_every), out, logs)
+    print(json.dumps(concurrent), flush=True)
     differences = _compare(out / "reference", crashed)
     kills = [r for r in results if r["killed"]]
     summary = {
@@ -157,12 +161,39 @@ def run(trials: int, steps: int, ckpt_every: int, out: Path, shards: Path | None
         "max_steps_lost": max((r["steps_lost"] for r in kills), default=0),
         "killed_mid_write": sum(r["mid_write"] for r in kills),
         "bitwise_equal": not differences, "differences": differences[:10], "runs": results,
+        "concurrent": concurrent,
     }
     summary["ok"] = (summary["resumes_ok"] == summary["resumes"] and summary["all_checkpoints_verify"]
                      and summary["bitwise_equal"] and summary["max_steps_lost"] <= ckpt_every
-                     and all(r["exit"] in (0, -signal.SIGKILL) for r in results))
+                     and all(r["exit"] in (0, -signal.SIGKILL) for r in results) and concurrent["ok"])
     (out / "crashtest.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _concurrent_launch(cmd: list[str], out: Path, logs: Path) -> dict:
+    """Two starts of one command on one fresh run directory at once (a requeued job beside its first copy):
+    one must train to the end and equal the reference bitwise, the other exit non-zero at once naming it."""
+    shutil.rmtree(out / "concurrent", ignore_errors=True)
+    t0 = time.monotonic()
+    procs = [_start(cmd, logs / f"concurrent_{i}.log") for i in range(2)]
+    seconds: list[float | None] = [None, None]
+    while None in seconds:
+        for i, p in enumerate(procs):
+            if seconds[i] is None and p.poll() is not None:
+                seconds[i] = round(time.monotonic() - t0, 2)
+        time.sleep(0.01)
+    exits = [p.returncode for p in procs]
+    texts = [(logs / f"concurrent_{i}.log").read_text().strip() for i in range(2)]
+    row: dict = {"exits": exits, "seconds": seconds}
+    if sorted(exits)[0] != 0 or sorted(exits)[1] == 0:
+        return row | {"ok": False, "error": "expected exactly one of the two starts to train"}
+    loser = exits.index(next(e for e in exits if e != 0))
+    row["refused"] = texts[loser].splitlines()[-1] if texts[loser] else "no output"
+    differences = _compare(out / "reference", out / "concurrent")
+    row |= {"bitwise_equal": not differences, "differences": differences[:10]}
+    row["ok"] = ("in use by another training job" in row["refused"] and not differences
+                 and seconds[loser] < seconds[1 - loser])
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
           f"checkpoints verify: {s['all_checkpoints_verify']}, at most {s['max_steps_lost']} steps lost "
           f"(ckpt_every={s['ckpt_every']}), {s['killed_mid_write']} kills during a checkpoint write, "
           f"final weights/optimizer/losses bitwise equal to the uninterrupted run: {s['bitwise_equal']}")
+    c = s["concurrent"]
+    print(f"two starts at once on one run directory: exits {c['exits']} after {c['seconds']} s; the refused one "
+          f"said: {c.get('refused', '-')}; the other equals the uninterrupted run: {c.get('bitwise_equal')}")
     return 0 if s["ok"] else 1
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from latent_ndm.config import LatentRunConfig
@@ -20,7 +19,7 @@ from latent_ndm.core.model import ImageModel
 from latent_ndm.data.latent_shards import open_latent_shards
 from latent_ndm.nets.build import build_loss, build_ndm
 from latent_ndm.tasks.diffusion import NELBOObjective, diffusion_task
-from latent_ndm.training.checkpoint import load_weights, run_state, run_weights
+from latent_ndm.training.checkpoint import load_state, run_weights
 from latent_ndm.training.loop import Task
 from vae.model import VAE
 
@@ -46,12 +45,12 @@ def latent_task(cfg: LatentRunConfig) -> Task:
     objective = NELBOObjective(build_loss(cfg.model), cfg.data.channels * cfg.data.image_size**2, kl_steps,
                                cfg.kl_anneal_start)
     if cfg.init_from:  # e.g. stage 3 from stage 2: its EMA weights and its t proposal
-        load_weights(model, run_weights(cfg.init_from))
-        state = run_state(cfg.init_from)
+        path, weights, state = run_weights(cfg.init_from, with_state=True)  # weights and state of one checkpoint
+        load_state(model, weights, path)
         if "objective" in state:
             objective.load_state_dict(state["objective"])
         else:  # a run from before the loss held the proposal: it travelled in the EMA weights, as then
-            objective.load_legacy_proposal(load_file(str(run_weights(cfg.init_from))))
+            objective.load_legacy_proposal(weights)
     image_shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     vae = model.codec.vae
     latents = open_latent_shards(cfg.latents, vae, image_shape, cfg.data.shards) if cfg.latents else None

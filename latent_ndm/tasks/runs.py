@@ -8,7 +8,7 @@ from latent_ndm.config import LatentRunConfig, RunConfig, from_dict, run_schema
 from latent_ndm.core.model import ImageModel
 from latent_ndm.tasks.latent import build_latent_model
 from latent_ndm.tasks.pixel import build_pixel_model
-from latent_ndm.training.checkpoint import load_weights, read_run_config, run_weights
+from latent_ndm.training.checkpoint import load_state, read_run_config, run_weights
 
 
 def run_config(run_dir: str | Path) -> RunConfig | LatentRunConfig:
@@ -31,7 +31,7 @@ def load_run(run_dir: str | Path, ema: bool = True) -> tuple[RunConfig | LatentR
     weights by default). A latent checkpoint holds the VAE's weights too (stage 3 trains them); the VAE's
     architecture is read from the run's vae_path."""
     cfg = run_config(run_dir)
-    weights = run_weights(run_dir, ema)
+    path, weights, _ = run_weights(run_dir, ema)  # safe while the run still trains: see read_newest
     model = build_model(cfg)
-    load_weights(model, weights)
+    load_state(model, weights, path)
     return cfg, model.eval()

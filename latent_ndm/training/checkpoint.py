@@ -13,14 +13,17 @@ rather than a model with garbage weights.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
@@ -89,6 +92,11 @@ def load_weights(module: nn.Module, path: Path) -> None:
         raise
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise CheckpointError(f"cannot read weights from {path}: {e}") from e
+    load_state(module, state, path)
+
+
+def load_state(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load a state dict read from `path` (named in the errors)."""
     try:
         missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
@@ -120,18 +128,22 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path} has no readable {MANIFEST}: {e}") from e
     for name, expect in files.items():
-        expect = expect if isinstance(expect, dict) else {"bytes": expect}  # format 1
         f = path / name
-        size = f.stat().st_size if f.is_file() else None
-        if size is None:
+        if not f.is_file():
             raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing")
-        if size != expect["bytes"]:
-            raise CheckpointError(f"checkpoint {path} is damaged: {name} has {size} bytes, the manifest says "
-                                  f"{expect['bytes']} (truncated?)")
-        if "sha256" in expect and sha256_file(f) != expect["sha256"]:
-            raise CheckpointError(f"checkpoint {path} is damaged: the contents of {name} differ from what was "
-                                  "written (sha256 mismatch)")
+        _check_file(path, name, expect, f.stat().st_size, lambda f=f: sha256_file(f))
     return manifest
+
+
+def _check_file(ckpt: Path, name: str, expect: Any, size: int, sha256: Callable[[], str]) -> None:
+    """One file of a checkpoint against its manifest entry (its size, then its sha256)."""
+    expect = expect if isinstance(expect, dict) else {"bytes": expect}  # format 1
+    if size != expect["bytes"]:
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: {name} has {size} bytes, the manifest says "
+                              f"{expect['bytes']} (truncated?)")
+    if "sha256" in expect and sha256() != expect["sha256"]:
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: the contents of {name} differ from what was "
+                              "written (sha256 mismatch)")
 
 
 def resume_checkpoint(run_dir: Path) -> Path | None:
@@ -153,25 +165,58 @@ def resume_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def run_weights(run_dir: str | Path, ema: bool = True) -> Path:
-    """The weights file of a run's latest complete checkpoint (verified): its EMA weights unless ema=False."""
+def read_newest(run_dir: str | Path, pick: Callable[[dict[str, Any]], list[str]],
+                attempts: int = 20) -> tuple[Path, dict[str, bytes]]:
+    """The bytes of the files `pick(manifest files)` names, from a run's newest complete checkpoint, each checked
+    against the manifest (size and sha256). Safe while a job trains in the run: a checkpoint it prunes between
+    listing and reading (pruning renames it away first) is passed over for the newer one, so a reader never sees
+    a half-pruned checkpoint, and files held in memory cannot change under it."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir} does not exist (expected a run directory)")
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir} has no complete checkpoint under checkpoints/")
-    verify_checkpoint(ckpt)
-    return ckpt / ("ema.safetensors" if ema and (ckpt / "ema.safetensors").is_file() else "model.safetensors")
+    for _ in range(attempts):
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"{run_dir} has no complete checkpoint under checkpoints/")
+        try:
+            files = json.loads((ckpt / MANIFEST).read_bytes())["files"]
+            data = {name: (ckpt / name).read_bytes() for name in pick(files)}
+        except FileNotFoundError:
+            if ckpt.exists():  # still there, yet a file is missing: damaged, not pruned
+                verify_checkpoint(ckpt)
+                raise
+            continue  # pruned while being read: the job has written a newer one
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {ckpt} has no readable {MANIFEST}: {e}") from e
+        for name, blob in data.items():
+            _check_file(ckpt, name, files[name], len(blob), lambda blob=blob: hashlib.sha256(blob).hexdigest())
+        return ckpt, data
+    raise CheckpointError(f"{run_dir}: its newest checkpoint was pruned {attempts} times while being read")
 
 
-def run_state(run_dir: str | Path) -> dict[str, Any]:
-    """The training state (state.pt: step, optimizer, objective, ...) of a run's latest complete checkpoint."""
-    ckpt = run_weights(run_dir).parent
+def weights_name(files: dict[str, Any], ema: bool = True) -> str:
+    """The weights a checkpoint's reader wants: the EMA's when there is one (and ema=True), else the model's."""
+    return "ema.safetensors" if ema and "ema.safetensors" in files else "model.safetensors"
+
+
+def run_weights(run_dir: str | Path, ema: bool = True,
+                with_state: bool = False) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any] | None]:
+    """(weights file, weights, training state or None) of a run's newest complete checkpoint, verified: its EMA
+    weights unless ema=False; with_state=True adds the training state (state.pt: step, optimizer, objective,
+    ...) of the same checkpoint."""
+    ckpt, data = read_newest(run_dir, lambda files: [weights_name(files, ema)] + ["state.pt"] * with_state)
+    name = next(n for n in data if n.endswith(".safetensors"))
     try:
-        return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read {ckpt / 'state.pt'}: {e}") from e
+        weights = safetensors_load(data[name])
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"cannot read weights from {ckpt / name}: {e}") from e
+    state = None
+    if with_state:
+        try:
+            state = torch.load(io.BytesIO(data["state.pt"]), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"cannot read {ckpt / 'state.pt'}: {e}") from e
+    return ckpt / name, weights, state
 
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from latent_ndm.training.guards import (
     truncate_metrics,
     warn_slow_bf16,
 )
+from latent_ndm.training.runlock import RunLock, RunLockError
 from latent_ndm.training.state import TrainState
 from latent_ndm.training.step import lr_factor, train_step
 
@@ -113,14 +114,17 @@ class MetricsLogger:
             self.tb.flush()
 
 
-def _checkpoint(st: TrainState, run_dir: Path, keep: int, accelerator: Accelerator) -> Path:
-    """Every process calls it; rank 0 writes. A failed write stops every rank with its error."""
+def _checkpoint(st: TrainState, run_dir: Path, keep: int, accelerator: Accelerator, lock: RunLock | None) -> Path:
+    """Every process calls it; rank 0 writes, if it still owns the run directory. A failed write stops every
+    rank with its error."""
     total_skipped = _total(st.data_skipped, accelerator)
     error = None
     if accelerator.is_main_process:
         try:
+            if lock is not None:
+                lock.check()
             st.save(run_dir, keep, total_skipped)
-        except (OSError, FloatingPointError) as e:
+        except (OSError, FloatingPointError, RunLockError) as e:
             error = e
     message = broadcast_object_list([str(error) if error else None])[0]
     if error is not None:
@@ -150,6 +154,26 @@ def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path
     allow_tf32(tc.tf32)
     announce(f"train {cfg.name}", device, accelerator.num_processes, accelerator.process_index, tc.bf16)
     run_dir = Path(cfg.out_dir) / cfg.name
+    # One job per run directory, claimed before anything is written; rank 0 holds the lock for the job.
+    lock, refused = None, None
+    if is_main:
+        try:
+            lock = RunLock(run_dir).acquire()
+        except RunLockError as e:
+            refused = str(e)
+    refused = broadcast_object_list([refused])[0]
+    if refused is not None:
+        raise RunLockError(refused)
+    try:
+        return _train(cfg, task, accelerator, run_dir, lock, allow_config_change)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: RunConfig, task: Task, accelerator: Accelerator, run_dir: Path, lock: RunLock | None,
+           allow_config_change: bool) -> Path:
+    tc, device, is_main = cfg.train, accelerator.device, accelerator.is_main_process
     check_config(run_dir, cfg, allow_config_change)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -217,13 +241,13 @@ def train(cfg: RunConfig, task: Task, allow_config_change: bool = False) -> Path
                 images = task.sample(st.eval_model, torch.Generator(device).manual_seed(tc.seed))
                 save_grid(images, run_dir / "samples" / f"step_{st.step:08d}.png", task.sample_nrow)
             if every(tc.ckpt_every):
-                _checkpoint(st, run_dir, tc.keep_checkpoints, accelerator)
+                _checkpoint(st, run_dir, tc.keep_checkpoints, accelerator, lock)
             if res.stop and st.step < tc.steps:
-                path = _checkpoint(st, run_dir, tc.keep_checkpoints, accelerator) if st.saved_step != st.step \
+                path = _checkpoint(st, run_dir, tc.keep_checkpoints, accelerator, lock) if st.saved_step != st.step \
                     else run_dir / "checkpoints" / f"step_{st.step:08d}"
                 raise TrainingInterrupted(stop.received or signal.SIGTERM, st.step, path)
     if st.saved_step != st.step:
-        _checkpoint(st, run_dir, tc.keep_checkpoints, accelerator)
+        _checkpoint(st, run_dir, tc.keep_checkpoints, accelerator, lock)
     if task.finish is not None and (is_main or task.finish_on_every_rank):
         task.finish(st.eval_model, run_dir)
     accelerator.wait_for_everyone()

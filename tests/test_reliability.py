@@ -117,6 +117,7 @@ def test_sigterm_checkpoints_the_current_step_and_the_resume_is_exact(tmp_path: 
     with pytest.raises(TrainingInterrupted, match="SIGTERM received: stopped at step 3") as e:
         train(cfg, task)
     assert e.value.signum == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is previous
+    assert not (tmp_path / "term" / "train.lock").exists()  # released on SIGTERM (the restart below relies on it)
     assert [p.name for p in checkpoint_dirs(tmp_path / "term")] == ["step_00000003"]  # no step lost
     again = tiny(tmp_path, "term", "train.steps=7", "train.ckpt_every=0", shards=mnist_shards)
     train(again, pixel_task(again))
@@ -282,6 +283,7 @@ def test_a_start_that_failed_before_any_checkpoint_does_not_block_the_corrected_
             "eval.final_examples=16",
             *[f"model.{n}.{o}" for n in ("denoiser", "transform_net") for o in ("channels=8", "channel_mult=[1,2]")]]
     assert main([*args, "data.shards=/no/such/shards"]) == 1
+    assert not (tmp_path / "retry" / "train.lock").exists()  # released on an error, in this very process
     (tmp_path / "retry" / "metrics.jsonl").write_text('{"step": 1, "loss": 99.0}\n{"step": 2, "lo')  # stale rows
     assert main([*args, f"data.shards={mnist_shards}"]) == 0
     assert [r["step"] for r in map(json.loads, (tmp_path / "retry" / "metrics.jsonl").read_text().splitlines())

@@ -20,6 +20,11 @@ SAMPLER=deterministic
 SAMPLE_STEPS=50
 OUT=runs/quickstart
 SHARDS=data/mnist5k
+# Every run starts afresh: a previous result (perhaps of other settings, which a resume would refuse) is kept
+# beside it, not overwritten.
+if [ -e "$OUT" ]; then
+  rm -rf "$OUT.previous" && mv "$OUT" "$OUT.previous" && echo "moved the previous $OUT to $OUT.previous" >&2
+fi
 mkdir -p "$OUT"
 start=$(date +%s)
 # The training data are read as webdataset shards, like any user data: write them once.

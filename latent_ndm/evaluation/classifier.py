@@ -119,7 +119,7 @@ def legibility(model: ImageClassifier, images: Tensor, threshold: float = 0.9) -
     counts = torch.bincount(probs.argmax(-1), minlength=probs.shape[1]).double()
     share = counts[counts > 0] / counts.sum()
     return {"legible_share": float((probs.max(-1).values >= threshold).double().mean()),
-            "class_entropy_bits": float(-(share * share.log2()).sum()), "threshold": threshold,
+            "class_entropy_bits": float((share * (1 / share).log2()).sum()), "threshold": threshold,  # >= +0.0
             "num_images": len(images)}
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -92,6 +94,40 @@ def test_stale_locks_are_taken_over_and_live_ones_are_not(tmp_path: Path) -> Non
     _write_lock(tmp_path / "live")
     with pytest.raises(RunLockError):
         RunLock(tmp_path / "live").acquire()
+
+
+def _race(run_dir: Path, start, done, results) -> None:
+    """One contender: take the lock at the barrier, report, and hold it until every contender has reported."""
+    start.wait()
+    try:
+        lock = RunLock(run_dir).acquire()
+    except RunLockError as e:
+        results.put(f"refused: {e}")
+        return
+    results.put("won")
+    done.wait()
+    lock.release()
+
+
+def test_a_job_that_loses_the_race_always_reads_a_whole_record(tmp_path: Path) -> None:
+    """Processes released together onto one run directory: exactly one wins, and each loser's error names the
+    winner's PID. A lock created empty and written afterwards would sometimes be read empty by a loser."""
+    ctx = mp.get_context("fork")
+    contenders = 4
+    for trial in range(15):
+        run_dir = tmp_path / f"run{trial}"
+        start, done, results = ctx.Barrier(contenders), ctx.Event(), ctx.Queue()
+        procs = [ctx.Process(target=_race, args=(run_dir, start, done, results)) for _ in range(contenders)]
+        for p in procs:
+            p.start()
+        said = [results.get(timeout=60) for _ in range(contenders)]
+        done.set()
+        for p in procs:
+            p.join(timeout=60)
+        assert said.count("won") == 1, said
+        assert all(re.search(r"in use by another training job: PID \d+ on ", s) for s in said if s != "won"), said
+        assert not (run_dir / LOCK_NAME).exists()  # released, and no private file left behind
+        assert not run_dir.exists() or not any(run_dir.iterdir())
 
 
 def _train_cmd(run_dir: Path, shards: Path, steps: int, ckpt_every: int) -> list[str]:

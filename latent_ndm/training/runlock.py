@@ -1,8 +1,10 @@
 """One training job per run directory.
 
-The lock is a file created with O_CREAT | O_EXCL, which is atomic on local disks and on the shared
-filesystems multi-node jobs use (NFS v3+, Lustre, GPFS), where flock may be unreliable or absent. It holds
-the owner's host, PID, start time, a random token and a heartbeat that a background thread refreshes.
+The lock file is written whole under a private name and then hard-linked to `train.lock`: link() fails
+when the target exists, atomically on local disks and on the shared filesystems multi-node jobs use (NFS,
+Lustre, GPFS), where flock may be unreliable or absent. A job that loses the race therefore always reads a
+complete record, never a file created but not yet written. The record holds the owner's host, PID, start
+time, a random token and a heartbeat that a background thread refreshes.
 A lock whose owner is gone is taken over with a warning: on the same host, when its PID no longer exists
 (a kill -9, a crash of the machine's job); on any host, when its heartbeat is older than `stale_after`.
 The takeover renames the stale file aside first, so two jobs that find the same stale lock cannot both win.
@@ -49,7 +51,7 @@ class RunLock:
         started = time.time()
         for _ in range(3):  # a takeover, then the create again; a third round only if another job raced us
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create(started)
             except FileExistsError:
                 holder = read_lock(self.path)
                 reason = self.stale_reason(holder)
@@ -65,10 +67,6 @@ class RunLock:
                               f"{describe(holder)}", stacklevel=2)
                 self.path.with_name(f"{LOCK_NAME}.stale-{self.token}").unlink(missing_ok=True)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self._record(started), f)
-                f.flush()
-                os.fsync(f.fileno())
             self._started = started
             self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
             self._thread.start()
@@ -84,7 +82,10 @@ class RunLock:
         if read_lock(self.path).get("token") == self.token:
             self.path.unlink(missing_ok=True)
             if self._made_dir and not any(self.path.parent.iterdir()):
-                self.path.parent.rmdir()
+                try:
+                    self.path.parent.rmdir()
+                except OSError:  # another job's start wrote into it meanwhile
+                    pass
 
     def check(self) -> None:
         """Raise if another job has taken this job's lock (e.g. after this process was suspended for long)."""
@@ -104,6 +105,26 @@ class RunLock:
             except FileNotFoundError:
                 return "it disappeared"
         return None if age <= self.stale_after else f"no heartbeat for {age:.0f} s"
+
+    def _create(self, started: float) -> None:
+        """Make the lock file, complete, or raise FileExistsError if another job holds one."""
+        tmp = self.path.with_name(f"{LOCK_NAME}.{self.token}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(self._record(started), f)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            raise
+        except OSError:  # a filesystem without hard links: exclusive create, then write (a brief empty file)
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._record(started), f)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _record(self, started: float) -> dict[str, Any]:
         return {"host": socket.gethostname(), "pid": os.getpid(), "started": started, "heartbeat": time.time(),

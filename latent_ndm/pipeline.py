@@ -171,11 +171,11 @@ class NDMPipeline:
 
     def ode_nll_bpd(self, images: Tensor, probes: int = 1, rtol: float = 1e-5, atol: float = 1e-5,
                     seed: int = 0, ids: Tensor | None = None, batch_size: int = 100, progress: bool = False,
-                    probe_kind: str = "rademacher", distributed: bool = False) -> dict:
+                    probe_kind: str = "rademacher", distributed: bool = False, per_image: bool = False) -> dict:
         """The bound with the NDM's exact NLL by its probability-flow ODE in place of its NELBO, in bits per
         image dimension, with NFE and time; with the same seed and ids it uses the same z0 as `nelbo_bpd`."""
         return evaluate_ode_nll(self.model, check_images(images, self.image_shape), ids, batch_size, probes,
-                                probe_kind, seed, rtol, atol, progress, distributed)
+                                probe_kind, seed, rtol, atol, progress, distributed, per_image)
 
 
 def load_pipeline(path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> NDMPipeline:

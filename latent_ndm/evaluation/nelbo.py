@@ -111,9 +111,11 @@ def evaluate_nelbo(model: ImageModel, images: Tensor, ids: Tensor | None = None,
 
 def evaluate_ode_nll(model: ImageModel, images: Tensor, ids: Tensor | None = None, batch_size: int = 100,
                      probes: int = 1, probe_kind: str = "rademacher", seed: int = 1234, rtol: float = 1e-5,
-                     atol: float = 1e-5, progress: bool = False, distributed: bool = False) -> dict[str, float]:
+                     atol: float = 1e-5, progress: bool = False, distributed: bool = False,
+                     per_image: bool = False) -> dict:
     """The bound with the NDM's exact -log p by its probability-flow ODE in place of its NELBO, in bits per
-    image dimension, with the NFE per batch and the time (docs/MATH.md, section 10).
+    image dimension, with the NFE per batch and the time (docs/MATH.md, section 10); per_image adds every
+    image's bits/dim ('per_image_bpd', in id order) for differences paired over images.
 
     Per example: the codec's terms (a latent model's -log p(x|z0) + log q(z0|x), exactly those of
     `evaluate_nelbo`'s first repeat for the same seed and ids) + 'ode_nll'. 8-bit data are dequantised
@@ -145,6 +147,8 @@ def evaluate_ode_nll(model: ImageModel, images: Tensor, ids: Tensor | None = Non
     if distributed:  # distributed: as evaluate_nelbo; NFE and seconds are this process's
         ids, per = gather_examples(ids, per)
     out = summarize(per, math.prod(images.shape[1:]))
+    if per_image:
+        out["per_image_bpd"] = bits_per_dim(sum(per.values()), math.prod(images.shape[1:])).tolist()
     return out | {"nfe_mean": sum(nfe) / max(len(nfe), 1), "seconds": seconds,
                   "seconds_per_image": seconds / max(len(images), 1),
                   "probes": probes, "probe_kind": probe_kind, "rtol": rtol, "atol": atol}

@@ -2,8 +2,9 @@
 
 `python -m latent_ndm.experiments.benchmark speed [--config configs/bench_cifar_size.yaml] [--batch-size 32]
 [--bf16] [--channels-last] [--compile] [--out docs/bench/cpu]`: training steps of the F = identity
-baseline, NDM discrete (T = 10) and NDM continuous with the same denoiser (and the same U-Net inside
-F): images/s, time ratio to the baseline, FLOPs per step (torch.utils.flop_counter: matmuls and
+baseline, NDM discrete (T = 10), NDM continuous with the same denoiser (and the same U-Net inside F) and
+NDM continuous with the time-separable F (the transform U-Net with K output groups and no time input):
+images/s, time ratio to the baseline, FLOPs per step (torch.utils.flop_counter: matmuls and
 convolutions, forward and backward), achieved FLOP/s and MFU against the fp32 and bf16 matmul peaks
 measured in the same run, peak memory (RSS of a fresh process on CPU, max allocated on GPU); then
 images/s of every sampler at a given number of network evaluations. Variants are timed in interleaved
@@ -57,13 +58,14 @@ VARIANTS = {
     "baseline (F = identity, continuous)": ["model.transform=identity", "model.num_steps=0"],
     "NDM discrete T=10": ["model.transform=neural", "model.num_steps=10"],
     "NDM continuous": ["model.transform=neural", "model.num_steps=0"],
+    "NDM separable continuous": ["model.transform=separable", "model.num_steps=0"],
 }
 BASELINE = next(iter(VARIANTS))
 # A widely used reference network: diffusers' UNet2DModel at 6.47M parameters, trained here as the baseline's
 # denoiser network, so that only the network differs from the baseline row. diffusers is not a dependency of
 # latent-ndm; only this row needs it.
 REFERENCE = "reference: diffusers UNet2DModel as the baseline's denoiser"
-SHORT_NAMES = dict(zip(("baseline", "discrete", "continuous"), VARIANTS)) | {"reference": REFERENCE}
+SHORT_NAMES = dict(zip(("baseline", "discrete", "continuous", "separable"), VARIANTS)) | {"reference": REFERENCE}
 
 
 class DiffusersUNet(torch.nn.Module):
@@ -100,9 +102,11 @@ class Switches:
 class Step:
     """One variant's model, optimizer and fixed batch; `run()` is one timed training step."""
 
-    def __init__(self, config: str, variant: str, batch_size: int, sw: Switches, extra: tuple[str, ...] = ()):
+    def __init__(self, config: str, variant: str, batch_size: int, sw: Switches, extra: tuple[str, ...] = (),
+                 table: dict[str, list[str]] | None = None):
         reference = variant == REFERENCE
-        cfg = load_config(config, [*VARIANTS[BASELINE if reference else variant], f"train.batch_size={batch_size}",
+        table = table or VARIANTS  # variant name -> its config overrides
+        cfg = load_config(config, [*table[BASELINE if reference else variant], f"train.batch_size={batch_size}",
                                    *extra])
         torch.manual_seed(0)
         self.sw, self.device = sw, torch.device(sw.device)
@@ -147,12 +151,13 @@ class Step:
         return counter.get_total_flops()
 
 
-def peak_memory(config: str, variant: str, batch_size: int, sw: Switches, steps: int = 2) -> float:
+def peak_memory(config: str, variant: str, batch_size: int, sw: Switches, steps: int = 2,
+                table: dict[str, list[str]] | None = None) -> float:
     """Peak memory of training steps in bytes: max allocated on a GPU; on a CPU the peak RSS (VmHWM) of a
     fresh process that builds this variant alone and runs `steps` steps (RSS never falls, so one process
     each; not getrusage's ru_maxrss, which Linux carries over from the forking parent through exec)."""
     if sw.device.startswith("cuda"):
-        step = Step(config, variant, batch_size, sw)
+        step = Step(config, variant, batch_size, sw, table=table)
         torch.cuda.reset_peak_memory_stats()
         for _ in range(steps):
             step()
@@ -160,25 +165,28 @@ def peak_memory(config: str, variant: str, batch_size: int, sw: Switches, steps:
     code = ("import json, sys; from latent_ndm.experiments.benchmark import Step, Switches, malloc; "
             "malloc.keep_freed_memory()\n"
             "a = json.loads(sys.argv[1])\n"
-            "s = Step(a['config'], a['variant'], a['batch'], Switches(**a['sw']))\n"
+            "s = Step(a['config'], a['variant'], a['batch'], Switches(**a['sw']), table=a['table'])\n"
             "for _ in range(a['steps']): s()\n"
             "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
             "print(int(hwm.split()[1]) * 1024)")
-    arg = json.dumps({"config": config, "variant": variant, "batch": batch_size, "sw": vars(sw), "steps": steps})
+    arg = json.dumps({"config": config, "variant": variant, "batch": batch_size, "sw": vars(sw), "steps": steps,
+                      "table": table})
     out = subprocess.run([sys.executable, "-c", code, arg], check=True, capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
 def speed(config: str, batch_size: int, steps: int, rounds: int, variants: list[str] | None = None,
-          extra: tuple[str, ...] = (), sw: Switches | None = None, memory: bool = True) -> dict[str, dict[str, float]]:
+          extra: tuple[str, ...] = (), sw: Switches | None = None, memory: bool = True,
+          table: dict[str, list[str]] | None = None) -> dict[str, dict[str, float]]:
     """Training steps of every variant timed in interleaved rounds (median per variant), with FLOPs per step,
-    achieved FLOP/s, MFU against the matmul peak measured beside each variant's steps, and peak memory."""
+    achieved FLOP/s, MFU against the matmul peak measured beside each variant's steps, and peak memory.
+    `table` (default VARIANTS) names each variant's config overrides; the first variant is the ratios' base."""
     sw = sw or Switches()
     if sw.bf16 and not bf16_fast(sw.device):
         raise RuntimeError(f"--bf16: this {sw.device} has no bf16 kernels (on CPU: no avx512_bf16/AMX), so bf16 "
                            "autocast runs in scalar fallback code; measure bf16 on a machine that has them")
     names = variants or list(VARIANTS)
-    states = {name: Step(config, name, batch_size, sw, extra) for name in names}
+    states = {name: Step(config, name, batch_size, sw, extra, table) for name in names}
     flops = {name: st.flops() for name, st in states.items()}  # also the warm-up (allocator, first compile)
     for st in states.values():
         st()
@@ -209,7 +217,7 @@ def speed(config: str, batch_size: int, steps: int, rounds: int, variants: list[
                      "achieved_gflops": flops[name] / med / 1e9, f"mfu_vs_{ref}_peak": statistics.median(mfus[name])}
     if memory:
         for name in names:
-            out[name]["peak_memory_gib"] = peak_memory(config, name, batch_size, sw) / 2**30
+            out[name]["peak_memory_gib"] = peak_memory(config, name, batch_size, sw, table=table) / 2**30
     out["_peaks_gflops"] = {k: statistics.median(v) / 1e9 for k, v in peaks.items()}
     out["_peaks_gflops_max"] = {k: max(v) / 1e9 for k, v in peaks.items()}
     return out
@@ -288,8 +296,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sample-nfe", type=int, default=10, help="network evaluations per sample (0: no sampling)")
     p.add_argument("--sample-batch", type=int, default=32)
-    p.add_argument("--variants", default="baseline,discrete,continuous",
-                   help="comma-separated, first is the ratios' denominator: baseline, discrete, continuous, and "
+    p.add_argument("--variants", default="baseline,discrete,continuous,separable",
+                   help="comma-separated, first is the ratios' denominator: baseline, discrete, continuous, "
+                        "separable (the time-separable F), and "
                         "reference (diffusers' UNet2DModel as the baseline's network; needs `pip install diffusers`)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--out", type=Path, default=None, help="also write OUT.json and OUT.md")

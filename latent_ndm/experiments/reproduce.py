@@ -3,6 +3,8 @@ number of training steps, NDM's NELBO is lower than its F = identity baseline's,
 
     python -m latent_ndm.experiments.reproduce [--steps 600] [--seeds 0,1] [--out runs/reproduce]
         [--report docs/reproduce]
+    python -m latent_ndm.experiments.reproduce compute [...]   (the compute-matched comparison:
+        latent_ndm/experiments/compute_matched.py)
 
 Four models per seed, all from configs/ndm_mnist.yaml (the same "mnist" U-Net as denoiser; NDM adds
 the same U-Net inside F): baseline and NDM, each trained on the T = 10 discrete bound and in continuous
@@ -199,6 +201,11 @@ def plot_curves(args: argparse.Namespace, runs: list[tuple[str, int]], path: Pat
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compute"]:  # its own options: latent_ndm/experiments/compute_matched.py
+        from latent_ndm.experiments.compute_matched import main as compute_main
+
+        return compute_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=600, help="training steps of every model")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0])

@@ -14,6 +14,7 @@ from torch.distributions import Normal, kl_divergence
 from latent_ndm.core import process as P
 from latent_ndm.core.loss import NDMLoss
 from latent_ndm.core.ndm import NDM, Denoiser
+from latent_ndm.core.noise import Noise
 from latent_ndm.core.schedules import CosineGamma, LearnedGamma, LinearGamma
 from latent_ndm.core.transforms import IdentityTransform, NeuralTransform, SeparableTransform, Transform
 from latent_ndm.nets.unet import UNet
@@ -274,6 +275,35 @@ def test_separable_transform_from_config_starts_at_the_baseline_and_trains() -> 
         torch.testing.assert_close(terms[key], value)
     sum(terms.values()).mean().backward()
     assert model.transform.net.out_conv.weight.grad.abs().max() > 0
+
+
+def test_the_separable_f_runs_its_network_once_on_x_for_the_whole_loss() -> None:
+    """Continuous time needs F(x, t), dF/dt(x, t), F(x, 1) and F(xhat, t), dF/dt(xhat, t): two network passes
+    (x and xhat), not three. The terms equal those of separate passes bitwise, and the gradients to round-off."""
+    unet = UNet(1, 3, 8, channels=8, channel_mult=(1, 2), num_res_blocks=1, groups=4)
+    model = NDM(LinearGamma(-10.0, 5.0), SeparableTransform(perturbed(unet, 0), 3),
+                Denoiser(perturbed(UNet(1, 1, 8, channels=8, channel_mult=(1, 2), num_res_blocks=1, groups=4), 1),
+                         "eps"), "discrete8bit", 0).double()
+    calls = []
+    model.transform.net.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
+    pixels = torch.randint(0, 256, (4, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    x = P.bin_centres(dtype=torch.float64)[pixels]
+    shared = NDMLoss()(model, x, torch.Generator().manual_seed(1), num_steps=0)
+    assert calls == [4, 4]  # x, then xhat
+    sum(shared.values()).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    calls.clear()
+    noise = Noise.from_generator(torch.Generator().manual_seed(1), 4, x.device)  # the draws NDMLoss made
+    eps_0, t, eps = noise.normal(x), noise.uniform(x.device), noise.normal(x)
+    separate = {"rec": model.reconstruction_loss(x, eps_0), "diff": model.diffusion_loss(x, t, eps, 0),
+                "prior": model.prior_loss(x)}
+    assert calls == [4, 4, 4]
+    for key, value in separate.items():
+        assert torch.equal(shared[key], value), key
+    sum(separate.values()).sum().backward()
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-12)  # summed in another order
 
 
 def test_gradients_reach_theta_phi_and_a_learnable_schedule() -> None:

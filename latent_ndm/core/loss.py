@@ -63,10 +63,11 @@ class NDMLoss(nn.Module):
             t, weight = u, torch.ones_like(u)
         # The terms one by one (what NDM.forward returns), so that the 1/p(t) weight joins L_diff where the
         # autograd graph had it in earlier versions: gradients then sum in the same order, bit for bit.
-        diff = ndm.diffusion_loss(x, t, eps, T, self.theta_grad_scale(ndm, t, T))
-        if learn_t:
-            self._seen.append((t.detach(), diff.detach()))
-        return {"rec": ndm.reconstruction_loss(x, eps_0), "diff": diff * weight, "prior": ndm.prior_loss(x)}
+        with ndm.transform.reusing(x):  # a time-separable F: one network pass on x for L_diff and L_prior
+            diff = ndm.diffusion_loss(x, t, eps, T, self.theta_grad_scale(ndm, t, T))
+            if learn_t:
+                self._seen.append((t.detach(), diff.detach()))
+            return {"rec": ndm.reconstruction_loss(x, eps_0), "diff": diff * weight, "prior": ndm.prior_loss(x)}
 
     def theta_grad_scale(self, ndm: NDM, t: Tensor, num_steps: int) -> Tensor | None:
         """r [B] of theta's weighting (None for the bound, or when no gradient is taken)."""

@@ -144,6 +144,9 @@ class NDM(nn.Module):
         """F at several (x, t) pairs of equal batch size in one batched network call."""
         if self.transform.is_identity:
             return [x for x, _ in pairs]
+        if len(pairs) == 1:  # x itself, not a copy: a transform `reusing` x recognises it
+            x, t = pairs[0]
+            return [self.transform(x, t.to(x.dtype).expand(x.shape[0]))]
         xs = torch.cat([x for x, _ in pairs])
         ts = torch.cat([t.to(xs.dtype).expand(x.shape[0]) for x, t in pairs])
         return list(self.transform(xs, ts).chunk(len(pairs)))
@@ -165,8 +168,9 @@ class NDM(nn.Module):
         theta_grad_scale [B]: scales the gradient that reaches theta alone (see `_denoise_for_loss`).
         """
         T = self.num_steps if num_steps is None else num_steps
-        diff = self.diffusion_loss(x, t, eps, T, theta_grad_scale)
-        return {"rec": self.reconstruction_loss(x, eps_0), "diff": diff, "prior": self.prior_loss(x)}
+        with self.transform.reusing(x):  # a time-separable F: one network pass on x for L_diff and L_prior
+            diff = self.diffusion_loss(x, t, eps, T, theta_grad_scale)
+            return {"rec": self.reconstruction_loss(x, eps_0), "diff": diff, "prior": self.prior_loss(x)}
 
     def reconstruction_loss(self, x: Tensor, eps_0: Tensor) -> Tensor:
         """L_rec = -log p(x | z_0), z_0 = alpha_0 F(x,0) + sigma_0 eps_0, in nats [B].

@@ -9,6 +9,9 @@ difference stay selectable, as fallbacks and as the references the tests compare
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad
@@ -51,6 +54,12 @@ class Transform(nn.Module):
         raise ValueError(f"unknown dF/dt method {method!r}; choose one of {', '.join(FDOT_METHODS)}")
 
     has_tangent_pass = False
+
+    @contextmanager
+    def reusing(self, x: Tensor) -> Iterator[None]:
+        """Inside the block, work on this very tensor x that does not depend on t may be done once for every
+        F(x, .) (the loss's F(x, t) and F(x, 1)). Nothing to share for a network that sees t."""
+        yield
 
     def value_and_tangent(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(f"{type(self).__name__} has no hand-written tangent pass; use fdot=jvp")
@@ -114,9 +123,28 @@ class SeparableTransform(Transform):
             raise ValueError(f"dF/dt method {fdot_method!r}: the separable F has dF/dt in closed form (auto); "
                              f"jvp, forward_ad and fd stay selectable as references")
         self.net, self.num_basis, self.fdot_method = net, num_basis, fdot_method
+        self._shared: list | None = None  # [x, its groups or None] inside `reusing`
+
+    @contextmanager
+    def reusing(self, x: Tensor) -> Iterator[None]:
+        """NN(x) is computed once inside the block for every F(x, .) and dF/dt(x, .) of this tensor x: the
+        continuous loss needs F(x, t), dF/dt(x, t) and F(x, 1), all from the same K groups."""
+        self._shared = [x, None]
+        try:
+            yield
+        finally:
+            self._shared = None
 
     def groups(self, x: Tensor) -> Tensor:
         """NN_k(x) for k = 1..K, [K, B, C, H, W] (float32, see `_inputs`)."""
+        shared = self._shared
+        if shared is not None and shared[0] is x:
+            if shared[1] is None:
+                shared[1] = self._groups(x)
+            return shared[1]
+        return self._groups(x)
+
+    def _groups(self, x: Tensor) -> Tensor:
         out = self.net(x, x.new_zeros(x.shape[0]))  # [B, K*C, H, W]
         return out.unflatten(1, (self.num_basis, x.shape[1])).movedim(1, 0)
 

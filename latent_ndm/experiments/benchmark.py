@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -177,10 +178,11 @@ def peak_memory(config: str, variant: str, batch_size: int, sw: Switches, steps:
 
 def speed(config: str, batch_size: int, steps: int, rounds: int, variants: list[str] | None = None,
           extra: tuple[str, ...] = (), sw: Switches | None = None, memory: bool = True,
-          table: dict[str, list[str]] | None = None) -> dict[str, dict[str, float]]:
+          table: dict[str, list[str]] | None = None, mfu: bool = True) -> dict[str, dict[str, float]]:
     """Training steps of every variant timed in interleaved rounds (median per variant), with FLOPs per step,
     achieved FLOP/s, MFU against the matmul peak measured beside each variant's steps, and peak memory.
-    `table` (default VARIANTS) names each variant's config overrides; the first variant is the ratios' base."""
+    `table` (default VARIANTS) names each variant's config overrides; the first variant is the ratios' base.
+    mfu=False skips the matmul peaks (seconds each on a CPU) and the MFU figures: times and FLOPs only."""
     sw = sw or Switches()
     if sw.bf16 and not bf16_fast(sw.device):
         raise RuntimeError(f"--bf16: this {sw.device} has no bf16 kernels (on CPU: no avx512_bf16/AMX), so bf16 "
@@ -197,12 +199,14 @@ def speed(config: str, batch_size: int, steps: int, rounds: int, variants: list[
     times: dict[str, list[float]] = {name: [] for name in states}
     mfus: dict[str, list[float]] = {name: [] for name in states}
     peaks = {"fp32": [], "bf16": []} if bf16_fast(sw.device) else {"fp32": []}  # sw.bf16 implies bf16_fast
+    peaks = peaks if mfu else {}
     for _ in tqdm(range(rounds), desc="rounds", leave=False):
         if other in peaks:
             peaks[other].append(matmul_peak(dtypes[other], sw.device))
         for name, st in states.items():
-            peak_now = matmul_peak(dtypes[ref], sw.device)
-            peaks[ref].append(peak_now)
+            peak_now = matmul_peak(dtypes[ref], sw.device) if mfu else math.nan
+            if mfu:
+                peaks[ref].append(peak_now)
             for _ in range(steps):
                 times[name].append(st.timed())
                 mfus[name].append(flops[name] / times[name][-1] / peak_now)
@@ -214,7 +218,9 @@ def speed(config: str, batch_size: int, steps: int, rounds: int, variants: list[
                      "ratio_to_baseline": med / base_time, "gflop_per_step": flops[name] / 1e9,
                      "flop_ratio_to_baseline": flops[name] / base_flops,
                      "time_ratio_over_flop_ratio": (med / base_time) / (flops[name] / base_flops),
-                     "achieved_gflops": flops[name] / med / 1e9, f"mfu_vs_{ref}_peak": statistics.median(mfus[name])}
+                     "achieved_gflops": flops[name] / med / 1e9}
+        if mfu:
+            out[name][f"mfu_vs_{ref}_peak"] = statistics.median(mfus[name])
     if memory:
         for name in names:
             out[name]["peak_memory_gib"] = peak_memory(config, name, batch_size, sw, table=table) / 2**30

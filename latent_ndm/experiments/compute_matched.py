@@ -91,7 +91,7 @@ def measure_costs(dataset: str, args: argparse.Namespace) -> dict:
     table = {m: model_overrides(m, wide) for m in MODELS}
     print(f"== {dataset}: measuring the cost of a training step of each model ({args.cost_rounds} rounds)", flush=True)
     result = speed(config, args.batch_size, steps=args.cost_steps, rounds=args.cost_rounds, variants=list(MODELS),
-                   table=table, memory=False, extra=(f"data.shards={args.data}/{dataset}",))  # all four, always
+                   table=table, memory=False, extra=(f"data.shards={args.data}/{dataset}",), mfu=False)  # all four
     costs = {"wide_channels": wide, "wide_params": wide_params, "ndm_params": ndm_params, "batch_size": args.batch_size,
              "threads": torch.get_num_threads(), "models": {}}
     for m in MODELS:

@@ -39,13 +39,15 @@ def test_the_wide_baseline_is_the_width_nearest_ndms_parameters() -> None:
 def test_a_tiny_compute_matched_run(tmp_path: Path) -> None:
     out, report = tmp_path / "runs", tmp_path / "report"
     argv = ["--datasets", "digits", "--seeds", "0", "--models", "NDM separable", "--baseline-steps", "digits=6",
-            "--ode-images", "2",
+            "--ode-images", "2", "--equal-steps", "digits",
             "--repeats", "2", "--cost-rounds", "1", "--cost-steps", "1", "--curve-points", "2",
             "--data", str(tmp_path / "data"), "--out", str(out), "--report", str(report)]
     assert cm.main(argv) == 0
     costs = json.loads((out / "digits" / "costs.json").read_text())
     result = json.loads((report / "compute.json").read_text())["digits"]
-    assert result["steps"] == cm.budget_steps(6, costs) and set(costs["models"]) == set(cm.MODELS)
+    budgets = cm.budget_steps(6, costs)
+    assert result["steps"] == {m: b | {"steps": 6} for m, b in budgets.items()}  # --equal-steps: the baseline's 6
+    assert set(costs["models"]) == set(cm.MODELS)
     assert list(result["summary"]["FLOPs"]) == ["baseline", "NDM separable"]  # the subset, and the baseline
     for model in ("baseline", "NDM separable"):
         budgets = result["steps"][model]
@@ -73,7 +75,8 @@ def test_a_tiny_compute_matched_run(tmp_path: Path) -> None:
     cached = json.loads((out / "digits" / cm.run_name("NDM separable", 0) / f"compute_eval_step{n}.json").read_text())
     assert again["bpd"] == pytest.approx(cached["nelbo"]["bpd"], rel=1e-9)
     text = (report / "compute.md").read_text()
-    assert "### Equal wall-clock" in text and "### Equal FLOPs" in text and "| identity (the data, x) | 1 |" in text
+    assert "### Equal wall-clock" in text and "### Equal FLOPs" in text and "### Equal steps" in text
+    assert "| identity (the data, x) | 1 |" in text and "What F does (equal steps, seed 0)" in text
     from PIL import Image
 
     for png in ("bpd_vs_flops.png", "bpd_vs_seconds.png"):

@@ -17,14 +17,17 @@ torch.utils.flop_counter), saved to OUT/DATASET/costs.json and reused by reruns,
 Every model then trains for baseline steps / time ratio (equal wall-clock) and baseline steps / FLOP ratio
 (equal FLOPs): to the smaller count, evaluated, then resumed to the larger and evaluated again. The learning
 rate is constant after the warm-up, so the resumed run is the run that trains straight through.
+`--equal-steps DATASETS` also resumes the first seed's models there to the baseline's steps: the paper's
+equal-steps comparison, and an F that has had time to learn for the statistics below.
 
 Each evaluation: the continuous-time test NELBO on all test images (noise keyed by image, so differences are
 paired over images and noise), the bound with the ODE NLL on evenly spaced test images (keyed too), and what F
 does to the test set (latent_ndm.evaluation.simplify; the baseline's figures are the data's own).
 
 Writes REPORT/compute.{md,json}, REPORT/bpd_vs_flops.png and REPORT/bpd_vs_seconds.png (the periodic test
-bits/dim against training FLOPs and against the step time of costs.json x steps), and REPORT/transform_DATASET.png
-(F(x, t) of NDM and NDM separable, seed 0, at equal wall-clock). Reruns reuse finished runs and evaluations.
+bits/dim against training FLOPs and against the step time of costs.json x steps), and
+REPORT/transform[_diff]_DATASET.png (F(x, t) of seed 0's NDM and NDM separable). Reruns reuse finished runs
+and evaluations.
 """
 
 from __future__ import annotations
@@ -183,18 +186,24 @@ def _pm(values: list[float], digits: int = 3, sign: bool = False) -> str:
 
 
 def run_dataset(dataset: str, costs: dict, args: argparse.Namespace) -> dict:
-    """Train and evaluate the models of one dataset at both budgets, all seeds; returns costs, steps, results."""
+    """Train and evaluate the models of one dataset at both budgets, all seeds (and at equal steps, the first
+    seed, where asked); returns costs, steps, results."""
     steps = budget_steps(args.baseline_steps[dataset], costs)
+    equal_steps = dataset in args.equal_steps
+    if equal_steps:
+        for model in steps:
+            steps[model]["steps"] = args.baseline_steps[dataset]
     results: dict = {}
     for seed in args.seeds:
         for model in args.models:
             run_dir = Path(args.out) / dataset / run_name(model, seed)
-            counts = sorted(set(steps[model].values()))
+            compute = sorted({steps[model][b] for b in BUDGETS})
+            counts = sorted({*compute, *([steps[model]["steps"]] if equal_steps and seed == args.seeds[0] else [])})
             for n in counts:
                 print(f"== {dataset}, {model}, seed {seed}: training to step {n}", flush=True)
                 timing = run_dir / f"compute_train_seconds_step{n}.json"
                 t0 = time.perf_counter()
-                cmd = train_command(dataset, model, seed, n, counts[-1], costs["wide_channels"], args)
+                cmd = train_command(dataset, model, seed, n, compute[-1], costs["wide_channels"], args)
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
                 if not timing.is_file():  # the first training's wall time (a finished run returns at once)
                     timing.write_text(json.dumps(time.perf_counter() - t0))
@@ -207,7 +216,7 @@ def run_dataset(dataset: str, costs: dict, args: argparse.Namespace) -> dict:
 def summarize(dataset: str, data: dict, args: argparse.Namespace) -> dict:
     """Per budget and model: NELBO and ODE NLL over seeds, and paired differences from the baseline."""
     steps, results, out = data["steps"], data["results"], {}
-    for budget in BUDGETS:
+    for budget in steps["baseline"]:
         rows = {}
         for model in args.models:
             n = steps[model][budget]
@@ -228,13 +237,19 @@ def summarize(dataset: str, data: dict, args: argparse.Namespace) -> dict:
     return out
 
 
+def transform_budget(data: dict) -> str:
+    """The budget whose F the statistics show: equal steps where trained (F has had time to learn), else
+    equal wall-clock."""
+    return "steps" if "steps" in data["steps"]["baseline"] else "wall-clock"
+
+
 def transform_table(dataset: str, data: dict, args: argparse.Namespace) -> list[str]:
-    """What F does at equal wall-clock: each statistic's mean over seeds, per model and t."""
-    steps, results = data["steps"], data["results"]
+    """What F does: each statistic's mean over the seeds trained at `transform_budget`, per model and t."""
+    steps, results, budget = data["steps"], data["results"], transform_budget(data)
     keys = ("rms_ratio", "effective_dim", "wiener_mse_equal_snr", "wiener_mse_process", "ink", "contrast")
     lines = [f"| F | t | {' | '.join(keys)} |", "|" + " --- |" * (len(keys) + 2)]
     for model in [m for m in ("baseline", "NDM", "NDM separable") if m in args.models]:
-        n = steps[model]["wall-clock"]
+        n = steps[model][budget]
         runs = [results[(model, s, n)]["transform"] for s in args.seeds if (model, s, n) in results]
         for t in runs[0] if runs else ():
             cells = [f"{statistics.fmean(r[t][k] for r in runs):{'.1f' if k == 'effective_dim' else '.4g'}}"
@@ -265,8 +280,9 @@ def write_report(all_data: dict, args: argparse.Namespace) -> None:
                          f"{c['gflop_per_step']:.2f} | {c['flop_ratio']:.2f} |")
         lines += ["", f"`baseline wide`: denoiser base width {costs['wide_channels']} "
                       f"({costs['wide_params']:,} parameters against NDM's {costs['ndm_params']:,}).", ""]
-        for budget in BUDGETS:
-            lines += [f"### Equal {budget}", "",
+        for budget in s:
+            seeds = "" if budget != "steps" else f" (the paper's comparison; seed {args.seeds[0]} only)"
+            lines += [f"### Equal {budget}{seeds}", "",
                       "| model | steps | NELBO | Δ NELBO | ODE NLL (NFE) | Δ ODE NLL | train s |",
                       "| --- | --- | --- | --- | --- | --- | --- |"]
             for m, row in s[budget].items():
@@ -277,7 +293,8 @@ def write_report(all_data: dict, args: argparse.Namespace) -> None:
                 lines.append(f"| {m} | {row['steps']} | {_pm(row['nelbo'])} | {d_nelbo} | {ode} | {d_ode} | "
                              f"{_pm(row['train_seconds'], 0)} |")
             lines.append("")
-        lines += ["### What F does (equal wall-clock, mean over seeds)", "",
+        which = "equal steps, seed 0" if transform_budget(data) == "steps" else "equal wall-clock, mean over seeds"
+        lines += [f"### What F does ({which})", "",
                   *transform_table(dataset, data, args), "",
                   f"![F(x, t) of the NDMs](transform_{dataset}.png)", ""]
     lines += ["![test bits/dim against training FLOPs](bpd_vs_flops.png)", "",
@@ -329,9 +346,10 @@ def plot_curves(all_data: dict, args: argparse.Namespace, report: Path) -> None:
 
 
 def pictures(all_data: dict, args: argparse.Namespace, report: Path) -> None:
-    """F(x, t) at t = 0, 0.25, ..., 1 of one test image per class (eight classes), seed 0 at equal wall-clock:
-    each row holds NDM's frames, then NDM separable's (transform_DATASET.png), and the same rows as the
-    difference from x, scaled to the largest and mid-grey = 0 (transform_diff_DATASET.png)."""
+    """F(x, t) at t = 0, 0.25, ..., 1 of one test image per class (eight classes), seed 0's newest checkpoint
+    (equal steps where trained, else the larger compute budget): each row holds NDM's frames, then NDM
+    separable's (transform_DATASET.png), and the same rows as the difference from x, scaled to the largest
+    and mid-grey = 0 (transform_diff_DATASET.png)."""
     import numpy as np
 
     from latent_ndm.data.shards import read_split
@@ -377,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=4, help="keyed (t, eps) draws per test image for the NELBO")
     p.add_argument("--ode-images", type=int, default=20, help="test images for the ODE NLL (0: skip)")
+    p.add_argument("--equal-steps", type=lambda s: [d for d in s.split(",") if d], default=[],
+                   help="comma-separated datasets on which the first seed's models also train to the baseline's "
+                        "steps (the paper's equal-steps comparison; F's statistics then show that F)")
     p.add_argument("--curve-points", type=int, default=8, help="periodic test evaluations per run (the plots)")
     p.add_argument("--cost-steps", type=int, default=3, help="timed steps per model per round of the cost measurement")
     p.add_argument("--cost-rounds", type=int, default=5)

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from latent_ndm.experiments.reproduce import paired, test_curve
+
 DATASETS = {"mnist5k": "configs/ndm_mnist.yaml", "digits": "configs/ndm_digits.yaml"}
 DEFAULT_STEPS = {"mnist5k": 1500, "digits": 2000}
 MODELS = {  # name -> overrides of the dataset's config ("baseline wide" gets its width in model_overrides)
@@ -161,16 +163,6 @@ def evaluate(run_dir: Path, steps: int, args: argparse.Namespace) -> dict:
     return out
 
 
-def test_curve(run_dir: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [(r["step"], r["test_bpd"]) for r in rows if "test_bpd" in r]
-
-
-def paired(a: list[float], b: list[float]) -> float:
-    """Mean of a - b over the same images."""
-    return (torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)).mean().item()
-
-
 def mean_se(values: list[float]) -> tuple[float, float]:
     """Mean and standard error over seeds (nan for one seed)."""
     m = statistics.fmean(values)
@@ -224,12 +216,12 @@ def summarize(dataset: str, data: dict, args: argparse.Namespace) -> dict:
             base = [results[("baseline", s, steps["baseline"][budget])] for s in args.seeds
                     if (model, s, n) in results]
             row = {"steps": n, "nelbo": [r["nelbo"]["bpd"] for r in mine],
-                   "delta_nelbo": [paired(r["nelbo"]["per_image_bpd"], b["nelbo"]["per_image_bpd"])
+                   "delta_nelbo": [paired(r["nelbo"]["per_image_bpd"], b["nelbo"]["per_image_bpd"])[0]
                                    for r, b in zip(mine, base)]}
             if args.ode_images:
                 row["ode_nll"] = [r["ode_nll"]["bpd"] for r in mine]
                 row["ode_nfe"] = [r["ode_nll"]["nfe_mean"] for r in mine]
-                row["delta_ode_nll"] = [paired(r["ode_nll"]["per_image_bpd"], b["ode_nll"]["per_image_bpd"])
+                row["delta_ode_nll"] = [paired(r["ode_nll"]["per_image_bpd"], b["ode_nll"]["per_image_bpd"])[0]
                                         for r, b in zip(mine, base)]
             row["train_seconds"] = [r["train_seconds"] for r in mine]
             rows[model] = row

@@ -123,14 +123,16 @@ class NDMPipeline:
 
     @torch.no_grad()
     def sample(self, n: int, sampler: str = "ancestral", steps: int | None = None,
-               generator: torch.Generator | None = None, batch_size: int = 256, seed: int | None = None) -> Tensor:
+               generator: torch.Generator | None = None, batch_size: int = 256, seed: int | None = None,
+               temperature: float = 1.0) -> Tensor:
         """n uint8 images [n, C, H, W] from the named sampler (see latent_ndm.sampling.samplers.SAMPLERS); the
-        function evaluations per batch are in `last_nfe`.
+        function evaluations per batch are in `last_nfe`. temperature: z_1 ~ N(0, temperature^2 I) (below 1:
+        cleaner, less diverse samples from the deterministic samplers; see the samplers' module).
 
         seed: each batch of batch_size draws from its own keyed generator, and under torchrun the processes
         share the batches: the same images for any number of processes. Otherwise `generator` draws all
         (a CPU generator with a GPU model is fine: it draws on the CPU, the same numbers as on a CPU)."""
-        x, self.last_nfe = sample_images(self.ndm, n, sampler, steps, generator, batch_size, seed)
+        x, self.last_nfe = sample_images(self.ndm, n, sampler, steps, generator, batch_size, seed, temperature)
         return self.decode(x, batch_size)
 
     @torch.no_grad()

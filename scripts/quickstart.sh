@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
-# The main job on the built-in MNIST subset, on a CPU (about 11 minutes on 2 cores, the first time
+# The main job on the built-in MNIST subset, on a CPU (about 14 minutes on 2 slow cores, the first time
 # a few more to set up .venv):
 #   1. the data as webdataset shards (data/mnist5k), once;
 #   2. stage 1: the VAE (configs/vae_mnist.yaml);
-#   3. stage 2: the latent NDM prior on the frozen VAE, then stage 3: a short end-to-end fine-tuning
-#      (configs/latent_ndm_mnist.yaml);
+#   3. stage 2: the latent NDM prior on the frozen VAE, trained on the VAE's posteriors of the train images
+#      encoded once (a stage-2 step then runs no encoder or decoder), then stage 3: a short end-to-end
+#      fine-tuning (configs/latent_ndm_mnist.yaml);
 #   4. a bits/dim report of every stage on the same 500 test images (runs/quickstart/bpd.json);
 #   5. 256 samples from the final model, scored by the project's MNIST classifier (trained once into
 #      runs/mnist_classifier): the share it reads with probability >= 0.9 beside the real test images'
 #      share, the entropy of its predicted classes, FD-MNIST (runs/quickstart/quality.json); the grid
-#      runs/quickstart/samples/*.png shows the same samples.
-#   scripts/quickstart.sh [VAE_STEPS [PRIOR_STEPS [JOINT_STEPS]]]     (default 500 800 200)
+#      runs/quickstart/samples/*.png shows the same samples. They are drawn at temperature 0.8 (z_1 ~
+#      N(0, 0.8^2 I), deterministic sampler): cleaner digits than at 1 for the same model (docs/RESULTS.md).
+#   scripts/quickstart.sh [VAE_STEPS [PRIOR_STEPS [JOINT_STEPS]]]     (default 500 800 150)
 source "$(dirname "$0")/_env.sh"
 set -euo pipefail
 VAE_STEPS="${1:-500}"
 PRIOR_STEPS="${2:-800}"
-JOINT_STEPS="${3:-200}"
+JOINT_STEPS="${3:-150}"
 SAMPLER=deterministic
 SAMPLE_STEPS=50
+TEMPERATURE=0.8
 OUT=runs/quickstart
 SHARDS=data/mnist5k
 # Every run starts afresh: a previous result (perhaps of other settings, which a resume would refuse) is kept
@@ -32,14 +35,16 @@ start=$(date +%s)
 common=(out_dir="$OUT" data.shards="$SHARDS" train.eval_every=0)
 python -m latent_ndm.cli train_vae configs/vae_mnist.yaml name=vae "${common[@]}" train.steps="$VAE_STEPS" \
   train.sample_every="$VAE_STEPS" train.ckpt_every="$VAE_STEPS" >/dev/null
+python -m latent_ndm.cli encode_latents "$OUT/vae/vae" "$SHARDS" "$OUT/latents" >/dev/null
 python -m latent_ndm.cli train_latent configs/latent_ndm_mnist.yaml name=latent_ndm vae_path="$OUT/vae/vae" \
-  "${common[@]}" train.steps="$PRIOR_STEPS" train.sample_every="$PRIOR_STEPS" train.ckpt_every="$PRIOR_STEPS" \
+  latents="$OUT/latents" "${common[@]}" train.steps="$PRIOR_STEPS" train.sample_every="$PRIOR_STEPS" train.ckpt_every="$PRIOR_STEPS" \
   --stages prior,joint --joint-steps "$JOINT_STEPS" >/dev/null
 CLASSIFIER=runs/mnist_classifier
 [ -f "$CLASSIFIER/model.safetensors" ] || python -m latent_ndm.cli train_classifier --shards "$SHARDS" \
   --out "$CLASSIFIER" >/dev/null
 python -m latent_ndm.cli evaluate "$OUT/latent_ndm_joint" --metrics fd_mnist --classifier "$CLASSIFIER" \
-  --num-samples 256 --sampler "$SAMPLER" --sample-steps "$SAMPLE_STEPS" --seed 0 --save-samples "$OUT/samples" \
+  --num-samples 256 --sampler "$SAMPLER" --sample-steps "$SAMPLE_STEPS" --temperature "$TEMPERATURE" --seed 0 \
+  --save-samples "$OUT/samples" \
   --out "$OUT/quality.json" >/dev/null
 python - "$OUT" "$(( $(date +%s) - start ))" <<'PY'
 import json, sys
@@ -60,7 +65,8 @@ quality = json.load(open(f"{out}/quality.json"))["sample_quality"]
 real = quality["reference"]["test_legibility"]
 for steps, q in quality["steps"].items():
     leg = q["legibility"]
-    print(f"\n{quality['num_samples']} samples ({quality['sampler']}, {steps} steps), scored by the MNIST classifier:")
+    print(f"\n{quality['num_samples']} samples ({quality['sampler']}, {steps} steps, temperature "
+          f"{quality['temperature']:g}), scored by the MNIST classifier:")
     print(f"  read with probability >= {leg['threshold']}: {leg['legible_share']:.1%} of the samples, "
           f"{real['legible_share']:.1%} of the real test images")
     print(f"  entropy of the predicted classes: {leg['class_entropy_bits']:.2f} bits (uniform over 10 digits: 3.32)")

@@ -174,6 +174,25 @@ def test_every_sampler_matches_gaussian_moments(name: str) -> None:
     assert ((std / STD - 1).abs() < 0.06).all(), (std, STD)
 
 
+@pytest.mark.parametrize("name", ["deterministic", "ode_euler", "ode_heun", "ode_rk45"])
+def test_temperature_contracts_a_deterministic_samplers_output_by_its_factor(name: str) -> None:
+    """With the optimal denoiser the probability-flow map is affine per dimension, x = m + (s / r_1)(z_1 -
+    alpha_1 m) with r_1 ~ 1: starting from z_1 ~ N(0, tau^2 I) gives N(m, (tau s)^2), the mean unmoved."""
+    steps, tau = (20 if name == "ode_rk45" else 200), 0.5
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    cold = SAMPLERS[name](gaussian_ndm(), (4000, 4), g(), steps, temperature=tau)
+    warm = SAMPLERS[name](gaussian_ndm(), (4000, 4), g(), steps)
+    se = tau * STD / math.sqrt(4000)
+    assert ((cold.x.mean(0) - MEAN).abs() < 4 * se + 0.01).all(), (cold.x.mean(0), MEAN)
+    assert ((cold.x.std(0) / (tau * STD) - 1).abs() < 0.06).all(), (cold.x.std(0), tau * STD)
+    # The same noise, scaled: each sample moves towards the mean by the factor tau (up to the tiny alpha_1 m).
+    torch.testing.assert_close(cold.x - MEAN, tau * (warm.x - MEAN), atol=0.02, rtol=0.02)
+    assert torch.equal(SAMPLERS[name](gaussian_ndm(), (8, 4), g(), 4, temperature=1.0).x,
+                       SAMPLERS[name](gaussian_ndm(), (8, 4), g(), 4).x)
+    with pytest.raises(ValueError, match="temperature"):
+        SAMPLERS[name](gaussian_ndm(), (8, 4), g(), 4, temperature=0.0)
+
+
 def test_divergence_with_a_neural_transform_matches_the_exact_jacobian_trace() -> None:
     """With F learned the drift holds a JVP in t; its divergence (reverse mode over that) must equal the
     trace of the full Jacobian, exactly with basis probes and on average with Rademacher probes."""

@@ -1,9 +1,13 @@
 """Samplers, all with one signature:
 
-    sampler(ndm, shape, generator=None, steps=None, callback=None) -> SampleResult
+    sampler(ndm, shape, generator=None, steps=None, callback=None, temperature=1.0) -> SampleResult
 
 A reverse step needs both the prediction xhat and the transform F, so samplers take the NDM itself.
-Each runs from z_1 ~ N(0, I) to z_0 and returns the most likely x under p(x | z_0). Function
+Each runs from z_1 ~ N(0, temperature^2 I) to z_0 and returns the most likely x under p(x | z_0).
+temperature < 1 (e.g. 0.8) starts the reverse process nearer the prior's centre: with the deterministic
+samplers it contracts the model's distribution around its typical samples (for Gaussian data exactly by
+the factor temperature), trading diversity for cleaner samples; the stochastic samplers re-inject
+untempered noise, so there it mostly fades. It is a sampling choice only: no likelihood depends on it. Function
 evaluations are counted separately for the denoiser (xhat) and the transform (F; a JVP counts once).
 """
 
@@ -58,13 +62,16 @@ def time_grid(ndm: NDM, steps: int, device: torch.device) -> Tensor:
     return k / steps
 
 
-def _setup(ndm: NDM, shape: tuple[int, ...], generator: torch.Generator | None, steps: int | None):
+def _setup(ndm: NDM, shape: tuple[int, ...], generator: torch.Generator | None, steps: int | None,
+           temperature: float = 1.0):
     if len(shape) < 2:
         raise ValueError(f"shape must be [N, ...], got {shape}")
+    if not 0.0 < temperature <= 10.0:
+        raise ValueError(f"temperature must lie in (0, 10], got {temperature}")
     device = ndm.device
     steps = steps or ndm.num_steps or 100
     z = randn(shape, generator, device)
-    return device, steps, z
+    return device, steps, z if temperature == 1.0 else temperature * z
 
 
 def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -77,9 +84,9 @@ def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: tor
 
 
 def _discrete_steps(
-    ndm: NDM, shape, generator, steps, callback, eta: float
+    ndm: NDM, shape, generator, steps, callback, eta: float, temperature: float
 ) -> SampleResult:
-    device, steps, z = _setup(ndm, shape, generator, steps)
+    device, steps, z = _setup(ndm, shape, generator, steps, temperature)
     ts, n = time_grid(ndm, steps, device), _Counter(ndm)
     for k in range(steps):
         t, s = ts[k].expand(shape[0]), ts[k + 1].expand(shape[0])
@@ -99,22 +106,22 @@ def _discrete_steps(
 
 
 @torch.no_grad()
-def ancestral(ndm: NDM, shape, generator=None, steps=None, callback=None) -> SampleResult:
+def ancestral(ndm: NDM, shape, generator=None, steps=None, callback=None, temperature=1.0) -> SampleResult:
     """Ancestral sampling with the model's posterior: p(z_s|z_t) = q(z_s | z_t, x = xhat(z_t, t))."""
-    return _discrete_steps(ndm, shape, generator, steps, callback, eta=1.0)
+    return _discrete_steps(ndm, shape, generator, steps, callback, eta=1.0, temperature=temperature)
 
 
 @torch.no_grad()
-def deterministic(ndm: NDM, shape, generator=None, steps=None, callback=None) -> SampleResult:
+def deterministic(ndm: NDM, shape, generator=None, steps=None, callback=None, temperature=1.0) -> SampleResult:
     """The posterior step with variance 0 (DDIM-like):
     z_s = alpha_s F(xhat, s) + sigma_s/sigma_t (z_t - alpha_t F(xhat, t))."""
-    return _discrete_steps(ndm, shape, generator, steps, callback, eta=0.0)
+    return _discrete_steps(ndm, shape, generator, steps, callback, eta=0.0, temperature=temperature)
 
 
 @torch.no_grad()
-def sde(ndm: NDM, shape, generator=None, steps=None, callback=None) -> SampleResult:
+def sde(ndm: NDM, shape, generator=None, steps=None, callback=None, temperature=1.0) -> SampleResult:
     """Reverse SDE by Euler-Maruyama: drift = ODE drift - g^2/2 * score, diffusion g, g^2 = sigma^2 gamma'."""
-    device, steps, z = _setup(ndm, shape, generator, steps)
+    device, steps, z = _setup(ndm, shape, generator, steps, temperature)
     ts, n = time_grid(ndm, steps, device), _Counter(ndm)
     for k in range(steps):
         t = ts[k].expand(shape[0])
@@ -141,10 +148,10 @@ def _ode_drift_fn(ndm: NDM, n: _Counter, batch: int) -> ode.Drift:
 
 
 @torch.no_grad()
-def ode_euler(ndm: NDM, shape, generator=None, steps=None, callback=None) -> SampleResult:
+def ode_euler(ndm: NDM, shape, generator=None, steps=None, callback=None, temperature=1.0) -> SampleResult:
     """Probability-flow ODE from t = 1 to 0 with fixed-step Euler (1 drift evaluation per step): the
     few-step sampler of straight flows, on `ode_heun`'s time grid and drift (its predictor step)."""
-    device, steps, z = _setup(ndm, shape, generator, steps)
+    device, steps, z = _setup(ndm, shape, generator, steps, temperature)
     ts, n = time_grid(ndm, steps, device), _Counter(ndm)
     drift = _ode_drift_fn(ndm, n, shape[0])
     for k in range(steps):
@@ -156,9 +163,9 @@ def ode_euler(ndm: NDM, shape, generator=None, steps=None, callback=None) -> Sam
 
 
 @torch.no_grad()
-def ode_heun(ndm: NDM, shape, generator=None, steps=None, callback=None) -> SampleResult:
+def ode_heun(ndm: NDM, shape, generator=None, steps=None, callback=None, temperature=1.0) -> SampleResult:
     """Probability-flow ODE from t = 1 to 0 with fixed-step Heun (2 drift evaluations per step)."""
-    device, steps, z = _setup(ndm, shape, generator, steps)
+    device, steps, z = _setup(ndm, shape, generator, steps, temperature)
     n = _Counter(ndm)
     cb = None if callback is None else (lambda k, t, zz: callback(k, steps, zz, n.last_xhat))
     res = ode.heun(_ode_drift_fn(ndm, n, shape[0]), z, time_grid(ndm, steps, device), cb)
@@ -166,9 +173,10 @@ def ode_heun(ndm: NDM, shape, generator=None, steps=None, callback=None) -> Samp
 
 
 @torch.no_grad()
-def ode_rk45(ndm: NDM, shape, generator=None, steps=None, callback=None, rtol: float = 1e-4, atol: float = 1e-4):
+def ode_rk45(ndm: NDM, shape, generator=None, steps=None, callback=None, temperature=1.0, rtol: float = 1e-4,
+             atol: float = 1e-4):
     """Probability-flow ODE from t = 1 to 0 with adaptive RK45; `steps` sets only the first step (1/steps)."""
-    device, steps, z = _setup(ndm, shape, generator, steps)
+    device, steps, z = _setup(ndm, shape, generator, steps, temperature)
     n = _Counter(ndm)
     cb = None if callback is None else (lambda k, t, zz: callback(k, 0, zz, n.last_xhat))
     res = ode.rk45(_ode_drift_fn(ndm, n, shape[0]), z, 1.0, 0.0, rtol, atol, first_step=1.0 / steps, callback=cb)
@@ -193,8 +201,9 @@ def get_sampler(name: str) -> Callable[..., SampleResult]:
 
 def sample_images(ndm: NDM, n: int, sampler: str = "ancestral", steps: int | None = None,
                   generator: torch.Generator | None = None, batch_size: int = 256,
-                  seed: int | None = None) -> tuple[Tensor, dict]:
-    """n samples in model space in batches of batch_size, with NFE totals; see SAMPLERS for the names.
+                  seed: int | None = None, temperature: float = 1.0) -> tuple[Tensor, dict]:
+    """n samples in model space in batches of batch_size, with NFE totals; see SAMPLERS for the names
+    and the module's docstring for `temperature`.
 
     seed: batch j draws from a generator keyed by (seed, j) on the model's device, and under
     torch.distributed process r samples batches r, r + W, ... and all get every sample, in order: the
@@ -209,7 +218,7 @@ def sample_images(ndm: NDM, n: int, sampler: str = "ancestral", steps: int | Non
     xs, nfe_x, nfe_f = {}, 0, 0
     for j in range(rank, len(starts), world):
         g = generator if seed is None else keyed_generator(ndm.device, seed, "sample", j)
-        res = fn(ndm, (min(batch_size, n - starts[j]), *shape), g, steps)
+        res = fn(ndm, (min(batch_size, n - starts[j]), *shape), g, steps, temperature=temperature)
         xs[j] = res.x
         nfe_x, nfe_f = nfe_x + res.nfe_xhat, nfe_f + res.nfe_f
     if world > 1:

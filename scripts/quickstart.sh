@@ -12,17 +12,18 @@
 #      share, the entropy of its predicted classes, FD-MNIST (runs/quickstart/quality.json); the grid
 #      runs/quickstart/samples/*.png shows the same samples. They are drawn at temperature 0.8 (z_1 ~
 #      N(0, 0.8^2 I), deterministic sampler): cleaner digits than at 1 for the same model (docs/RESULTS.md).
-#   scripts/quickstart.sh [VAE_STEPS [PRIOR_STEPS [JOINT_STEPS]]]     (default 500 800 150)
+#   scripts/quickstart.sh [VAE_STEPS [PRIOR_STEPS [JOINT_STEPS]]]     (default 500 800 120)
 source "$(dirname "$0")/_env.sh"
 set -euo pipefail
 VAE_STEPS="${1:-500}"
 PRIOR_STEPS="${2:-800}"
-JOINT_STEPS="${3:-150}"
+JOINT_STEPS="${3:-120}"
 SAMPLER=deterministic
 SAMPLE_STEPS=50
 TEMPERATURE=0.8
 OUT=runs/quickstart
 SHARDS=data/mnist5k
+# Stages 2 and 3 write no sample grids of their own (about 45 s): the samples are step 5's, scored.
 # Every run starts afresh: a previous result (perhaps of other settings, which a resume would refuse) is kept
 # beside it, not overwritten.
 if [ -e "$OUT" ]; then
@@ -37,8 +38,8 @@ python -m latent_ndm.cli train_vae configs/vae_mnist.yaml name=vae "${common[@]}
   train.sample_every="$VAE_STEPS" train.ckpt_every="$VAE_STEPS" >/dev/null
 python -m latent_ndm.cli encode_latents "$OUT/vae/vae" "$SHARDS" "$OUT/latents" >/dev/null
 python -m latent_ndm.cli train_latent configs/latent_ndm_mnist.yaml name=latent_ndm vae_path="$OUT/vae/vae" \
-  latents="$OUT/latents" "${common[@]}" train.steps="$PRIOR_STEPS" train.sample_every="$PRIOR_STEPS" train.ckpt_every="$PRIOR_STEPS" \
-  --stages prior,joint --joint-steps "$JOINT_STEPS" >/dev/null
+  latents="$OUT/latents" "${common[@]}" train.steps="$PRIOR_STEPS" train.ckpt_every="$PRIOR_STEPS" \
+  train.sample_every=0 --stages prior,joint --joint-steps "$JOINT_STEPS" >/dev/null
 CLASSIFIER=runs/mnist_classifier
 [ -f "$CLASSIFIER/model.safetensors" ] || python -m latent_ndm.cli train_classifier --shards "$SHARDS" \
   --out "$CLASSIFIER" >/dev/null

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job on the built-in MNIST subset, on a CPU (about 14 minutes on 2 slow cores, the first time
-# a few more to set up .venv):
+# The main job on the built-in MNIST subset, on a CPU (about 13 minutes on 2 slow AVX2 cores, the first
+# time 2 more to set up .venv):
 #   1. the data as webdataset shards (data/mnist5k), once;
 #   2. stage 1: the VAE (configs/vae_mnist.yaml);
 #   3. stage 2: the latent NDM prior on the frozen VAE, trained on the VAE's posteriors of the train images

@@ -304,7 +304,7 @@ def cmd_sample(argv: list[str]) -> int:
     if rank != 0:
         return 0
     files = save_samples(images, out, args.sampler, args.steps, args.seed, args.temperature, **pipe.last_nfe)
-    print(json.dumps({**files, "seconds": round(seconds, 2),
+    print(json.dumps({**files, "temperature": args.temperature, "seconds": round(seconds, 2),
                       "seconds_per_image": seconds / args.num, "processes": world, "device": str(device),
                       **pipe.last_nfe}, indent=2))
     return 0

@@ -59,6 +59,12 @@ def test_cli_sample_evaluate_and_pictures(run_dir: Path, tmp_path: Path, capsys:
     data = np.load(report["npz"])
     assert data["images"].shape == (6, 1, 28, 28) and data["images"].dtype == np.uint8
     assert report["nfe_xhat"] == 6 and Path(report["png"]).is_file()
+    # A tempered run is recorded as such and named apart, so it never overwrites the untempered grid.
+    assert main(["sample", str(run_dir), "--num", "6", "--sampler", "ode_heun", "--steps", "3",
+                 "--temperature", "0.5", "--out", str(tmp_path)]) == 0
+    cold = json.loads(capsys.readouterr().out)
+    assert cold["temperature"] == 0.5 and cold["npz"].endswith("_temp0.5.npz") and cold["npz"] != report["npz"]
+    assert float(np.load(cold["npz"])["temperature"]) == 0.5
 
     out = tmp_path / "eval.json"
     assert main(["evaluate", str(run_dir), "--metrics", "nelbo,ode_nll", "--steps", "10,continuous",

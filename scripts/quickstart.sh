@@ -23,7 +23,7 @@ SAMPLE_STEPS=50
 TEMPERATURE=0.8
 OUT=runs/quickstart
 SHARDS=data/mnist5k
-# Stages 2 and 3 write no sample grids of their own (about 45 s): the samples are step 5's, scored.
+# Stages 2 and 3 write no sample grids of their own (about 40 s here): the samples are step 5's, scored.
 # Every run starts afresh: a previous result (perhaps of other settings, which a resume would refuse) is kept
 # beside it, not overwritten.
 if [ -e "$OUT" ]; then

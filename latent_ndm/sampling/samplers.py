@@ -7,12 +7,13 @@ Each runs from z_1 ~ N(0, temperature^2 I) to z_0 and returns the most likely x 
 temperature < 1 (e.g. 0.8) starts the reverse process nearer the prior's centre: with the deterministic
 samplers it contracts the model's distribution around its typical samples (for Gaussian data exactly by
 the factor temperature), trading diversity for cleaner samples; the stochastic samplers re-inject
-untempered noise, so there it mostly fades. It is a sampling choice only: no likelihood depends on it. Function
-evaluations are counted separately for the denoiser (xhat) and the transform (F; a JVP counts once).
+untempered noise, so there it mostly fades. It is a sampling choice only: no likelihood depends on it.
+Function evaluations are counted separately for the denoiser (xhat) and the transform (F; a JVP counts once).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -66,8 +67,8 @@ def _setup(ndm: NDM, shape: tuple[int, ...], generator: torch.Generator | None, 
            temperature: float = 1.0):
     if len(shape) < 2:
         raise ValueError(f"shape must be [N, ...], got {shape}")
-    if not 0.0 < temperature <= 10.0:
-        raise ValueError(f"temperature must lie in (0, 10], got {temperature}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive number, got {temperature}")
     device = ndm.device
     steps = steps or ndm.num_steps or 100
     z = randn(shape, generator, device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 import warnings
@@ -169,6 +170,8 @@ def cmd_evaluate(argv: list[str]) -> int:
     p.add_argument("--sampler", default="ancestral", help=f"fd_mnist / fid: one of {', '.join(SAMPLERS)}")
     p.add_argument("--seed", type=int, default=0, help="fd_mnist / fid: seed of the sampling noise (every setting)")
     p.add_argument("--temperature", type=float, default=1.0, help="fd_mnist / fid: " + TEMPERATURE_HELP)
+    p.add_argument("--guide", default=None, help="fd_mnist / fid: " + GUIDE_HELP)
+    p.add_argument("--guidance", type=float, default=None, help="fd_mnist / fid: " + GUIDANCE_HELP)
     p.add_argument("--sample-batch-size", type=int, default=256, help="fd_mnist / fid: samples per sampler call")
     p.add_argument("--save-samples", type=Path, default=None, help="fd_mnist / fid: also write each setting's "
                    "samples here as a PNG grid and .npz (as sample.sh names them)")
@@ -196,8 +199,11 @@ def cmd_evaluate(argv: list[str]) -> int:
 
     from .pipeline import load_pipeline
 
+    guidance = _guidance(args)
     device, rank, world = _start("evaluate", args.device)
     pipe = load_pipeline(args.path, ema=not args.no_ema, device=device)
+    guide = None if args.guide is None or not quality else load_pipeline(args.guide, ema=not args.no_ema,
+                                                                        device=device)
     cfg = _run_config(pipe, args.path)
     allow_tf32(cfg.train.tf32 and not args.no_tf32)
     announce("evaluate", device, world, rank)
@@ -233,8 +239,10 @@ def cmd_evaluate(argv: list[str]) -> int:
             args.sampler, args.seed, quality, args.inception_weights, args.sample_batch_size, progress=rank == 0,
             on_images=None if args.save_samples is None or rank != 0 else
             lambda steps, images, nfe: save_samples(images, args.save_samples, args.sampler, steps, args.seed,
-                                                    args.temperature, **nfe),
-            temperature=args.temperature)
+                                                    args.temperature, guidance, **nfe),
+            temperature=args.temperature, guide=guide, guidance=1.0 if guidance is None else guidance)
+        if guide is not None:
+            report["sample_quality"]["guide"] = str(args.guide)
     if rank != 0:
         return 0
     text = json.dumps(report, indent=2)
@@ -272,6 +280,18 @@ def cmd_train_classifier(argv: list[str]) -> int:
     return 0
 
 
+def _guidance(args: argparse.Namespace) -> float | None:
+    """The autoguidance weight of --guide / --guidance (None: no guide), checked before any model loads."""
+    if args.guide is None:
+        if args.guidance is not None:
+            raise ValueError("--guidance needs --guide (the weaker model to steer away from)")
+        return None
+    weight = 2.0 if args.guidance is None else args.guidance
+    if not (math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"--guidance must be a finite number >= 0 (1: no guidance), got {weight}")
+    return weight
+
+
 def cmd_sample(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="sample.sh", description="Samples from a trained model (pixel or latent) as a "
                                 "PNG grid and .npz.")
@@ -281,6 +301,8 @@ def cmd_sample(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: T, or 100 in continuous time)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=1.0, help=TEMPERATURE_HELP)
+    p.add_argument("--guide", default=None, help=GUIDE_HELP)
+    p.add_argument("--guidance", type=float, default=None, help=GUIDANCE_HELP)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: PATH/samples)")
@@ -291,20 +313,24 @@ def cmd_sample(argv: list[str]) -> int:
     from .pipeline import load_pipeline
 
     get_sampler(args.sampler)  # a clear error for a wrong name before loading anything
+    guidance = _guidance(args)
     device, rank, world = _start("sample", args.device)
     pipe = load_pipeline(args.path, ema=not args.no_ema, device=device)
+    guide = None if args.guide is None else load_pipeline(args.guide, ema=not args.no_ema, device=device)
     allow_tf32(pipe.config.train.tf32 if pipe.config is not None else True)
     announce("sample", device, world, rank)
     out = args.out or Path(args.path) / "samples"
     t0 = time.perf_counter()
     # Batch j draws from a generator keyed by (seed, j): the same images for any number of processes.
     images = pipe.sample(args.num, args.sampler, args.steps, None, args.batch_size, seed=args.seed,
-                         temperature=args.temperature)
+                         temperature=args.temperature, guide=guide, guidance=1.0 if guidance is None else guidance)
     seconds = time.perf_counter() - t0
     if rank != 0:
         return 0
-    files = save_samples(images, out, args.sampler, args.steps, args.seed, args.temperature, **pipe.last_nfe)
-    print(json.dumps({**files, "temperature": args.temperature, "seconds": round(seconds, 2),
+    files = save_samples(images, out, args.sampler, args.steps, args.seed, args.temperature, guidance,
+                         **pipe.last_nfe)
+    print(json.dumps({**files, "temperature": args.temperature, "guide": args.guide, "guidance": guidance,
+                      "seconds": round(seconds, 2),
                       "seconds_per_image": seconds / args.num, "processes": world, "device": str(device),
                       **pipe.last_nfe}, indent=2))
     return 0
@@ -349,6 +375,10 @@ def cmd_pictures(argv: list[str]) -> int:
 
 TEMPERATURE_HELP = ("the sampling noise's scale at t = 1, z_1 ~ N(0, T^2 I) (default 1; e.g. 0.8: cleaner, less "
                     "diverse samples from the deterministic samplers; likelihoods never depend on it)")
+GUIDE_HELP = ("autoguidance: a weaker model of the same space (a run, a saved model, or an early checkpoint of the "
+              "run, RUN/checkpoints/step_N) that the samples are steered away from, xhat = xhat_guide + W (xhat - "
+              "xhat_guide); cleaner, somewhat less diverse samples at twice the denoiser evaluations")
+GUIDANCE_HELP = "autoguidance: the weight W (default 2 with --guide; 1 = the model alone; needs --guide)"
 DEVICE_HELP = ("cuda, cuda:N, cpu, or auto (the default: cuda when available); under torchrun / accelerate launch "
                "each process takes the GPU of its LOCAL_RANK")
 

@@ -24,8 +24,9 @@ from latent_ndm.core.codec import LatentCodec, PixelCodec, check_images
 from latent_ndm.core.model import ImageModel
 from latent_ndm.core.ndm import NDM
 from latent_ndm.evaluation.nelbo import evaluate_nelbo, evaluate_ode_nll
+from latent_ndm.sampling.guidance import autoguided
 from latent_ndm.sampling.samplers import sample_images
-from latent_ndm.tasks.runs import build_model, load_run
+from latent_ndm.tasks.runs import build_model, is_checkpoint, load_run
 from latent_ndm.training.checkpoint import load_weights, read_run_config
 from vae.model import VAE
 
@@ -74,11 +75,15 @@ class NDMPipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> NDMPipeline:
         """Load a directory written by `save_pretrained`, or a training run (its latest checkpoint, EMA weights
-        unless ema=False). Models saved by earlier versions (a run config.json beside model.safetensors, or
-        beside vae/ + prior.safetensors) load too."""
+        unless ema=False), or one checkpoint of a run (RUN/checkpoints/step_N). Models saved by earlier versions
+        (a run config.json beside model.safetensors, or beside vae/ + prior.safetensors) load too."""
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"{path} does not exist (expected a run or saved model directory)")
+        if is_checkpoint(path):
+            config, model = load_run(path, ema)
+            d = config.data
+            return cls(model, (d.channels, d.image_size, d.image_size), config).to(device)
         if not (path / CONFIG).is_file():
             raise FileNotFoundError(f"{path} is neither a saved model nor a run directory (no {CONFIG})")
         data = read_run_config(path)
@@ -124,16 +129,29 @@ class NDMPipeline:
     @torch.no_grad()
     def sample(self, n: int, sampler: str = "ancestral", steps: int | None = None,
                generator: torch.Generator | None = None, batch_size: int = 256, seed: int | None = None,
-               temperature: float = 1.0) -> Tensor:
+               temperature: float = 1.0, guide: NDMPipeline | None = None, guidance: float = 2.0) -> Tensor:
         """n uint8 images [n, C, H, W] from the named sampler (see latent_ndm.sampling.samplers.SAMPLERS); the
         function evaluations per batch are in `last_nfe`. temperature: z_1 ~ N(0, temperature^2 I) (below 1:
         cleaner, less diverse samples from the deterministic samplers; see the samplers' module).
+        guide: a weaker model of the same space (e.g. an early checkpoint of the run, `load_pipeline(
+        "RUN/checkpoints/step_N")`), which the samples are steered away from with weight `guidance`
+        (autoguidance, latent_ndm.sampling.guidance); the images are decoded by this model's codec.
 
         seed: each batch of batch_size draws from its own keyed generator, and under torchrun the processes
         share the batches: the same images for any number of processes. Otherwise `generator` draws all
         (a CPU generator with a GPU model is fine: it draws on the CPU, the same numbers as on a CPU)."""
-        x, self.last_nfe = sample_images(self.ndm, n, sampler, steps, generator, batch_size, seed, temperature)
+        ndm = self.ndm if guide is None else autoguided(self.ndm, self._guide_ndm(guide), guidance)
+        x, self.last_nfe = sample_images(ndm, n, sampler, steps, generator, batch_size, seed, temperature)
+        if guide is not None:  # each xhat evaluation then runs the guide's network too (none at weight 1)
+            self.last_nfe["nfe_guide"] = self.last_nfe["nfe_xhat"] if guidance != 1 else 0
         return self.decode(x, batch_size)
+
+    def _guide_ndm(self, guide: NDMPipeline) -> NDM:
+        if guide.is_latent != self.is_latent:
+            kinds = ["latent" if m.is_latent else "pixel" for m in (guide, self)]
+            raise ValueError(f"the guide is a {kinds[0]} model and this one a {kinds[1]}: a guide must model the "
+                             "same space")
+        return guide.ndm.to(self.device)
 
     @torch.no_grad()
     def encode(self, images: Tensor, sample: bool = False, generator: torch.Generator | None = None,

@@ -65,6 +65,15 @@ def test_cli_sample_evaluate_and_pictures(run_dir: Path, tmp_path: Path, capsys:
     cold = json.loads(capsys.readouterr().out)
     assert cold["temperature"] == 0.5 and cold["npz"].endswith("_temp0.5.npz") and cold["npz"] != report["npz"]
     assert float(np.load(cold["npz"])["temperature"]) == 0.5
+    # Autoguidance by one checkpoint of the run (here its newest, the model itself: the images must not change).
+    ckpt = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    assert main(["sample", str(run_dir), "--num", "6", "--sampler", "ode_heun", "--steps", "3",
+                 "--guide", str(ckpt), "--guidance", "3", "--out", str(tmp_path)]) == 0
+    guided = json.loads(capsys.readouterr().out)
+    assert guided["guidance"] == 3 and guided["npz"].endswith("_guide3.npz") and guided["nfe_guide"] == 6
+    assert np.array_equal(np.load(guided["npz"])["images"], data["images"])
+    assert main(["sample", str(run_dir), "--guidance", "3"]) == 1  # a weight without a guide: a clear error
+    assert "--guidance needs --guide" in capsys.readouterr().err
 
     out = tmp_path / "eval.json"
     assert main(["evaluate", str(run_dir), "--metrics", "nelbo,ode_nll", "--steps", "10,continuous",

@@ -16,8 +16,9 @@ from latent_ndm.core.schedules import LinearGamma
 from latent_ndm.core.transforms import IdentityTransform, NeuralTransform
 from latent_ndm.nets.unet import UNet
 from latent_ndm.sampling import ode
+from latent_ndm.sampling.guidance import autoguided
 from latent_ndm.sampling.ode_nll import _probes, drift_and_divergence, ode_nll
-from latent_ndm.sampling.samplers import SAMPLERS, ancestral
+from latent_ndm.sampling.samplers import SAMPLERS, ancestral, deterministic
 
 
 def tiny_ndm(num_steps: int = 0, size: int = 8, scale: float = 0.05) -> NDM:
@@ -118,23 +119,23 @@ STD = torch.tensor([0.3, 0.5, 0.2, 0.4])
 class GaussianOracle(nn.Module):
     """E[x | z_t] for x ~ N(m, s^2) per dimension: m + alpha s^2 / (alpha^2 s^2 + sigma^2) (z - alpha m)."""
 
-    def __init__(self, schedule: LinearGamma):
+    def __init__(self, schedule: LinearGamma, std: Tensor = STD):
         super().__init__()
-        self.schedule = schedule
+        self.schedule, self.std = schedule, std
 
     def forward(self, z: Tensor, t: Tensor) -> Tensor:
         g = self.schedule(t).view(-1, 1)
         a2, s2 = torch.sigmoid(-g), torch.sigmoid(g)
-        m, v = MEAN.double(), STD.double() ** 2
+        m, v = MEAN.double(), self.std.double() ** 2
         return (m + a2.sqrt() * v / (a2 * v + s2) * (z.double() - a2.sqrt() * m)).to(z.dtype)
 
 
 GAMMA_MIN, GAMMA_MAX = -13.3, 8.0  # alpha_1 = 0.018: the N(0, I) prior nearly matches q(z_1)
 
 
-def gaussian_ndm() -> NDM:
-    sched = LinearGamma(GAMMA_MIN, GAMMA_MAX)
-    return NDM(sched, IdentityTransform(), Denoiser(GaussianOracle(sched), "x"), "gaussian", 0, data_shape=(4,))
+def gaussian_ndm(std: Tensor = STD, gamma_max: float = GAMMA_MAX) -> NDM:
+    sched = LinearGamma(GAMMA_MIN, gamma_max)
+    return NDM(sched, IdentityTransform(), Denoiser(GaussianOracle(sched, std), "x"), "gaussian", 0, data_shape=(4,))
 
 
 @pytest.mark.parametrize("probe_kind", ["rademacher", "gaussian"])
@@ -191,6 +192,53 @@ def test_temperature_contracts_a_deterministic_samplers_output_by_its_factor(nam
                        SAMPLERS[name](gaussian_ndm(), (8, 4), g(), 4).x)
     with pytest.raises(ValueError, match="temperature"):
         SAMPLERS[name](gaussian_ndm(), (8, 4), g(), 4, temperature=0.0)
+
+
+def test_autoguided_gaussian_oracles_follow_the_closed_form_of_the_deterministic_sampler() -> None:
+    """With linear oracles xhat_v = m + k_v (z_t - alpha_t m), k_v = alpha_t v / (alpha_t^2 v + sigma_t^2), the
+    guided prediction has k = w k_main + (1 - w) k_guide, and each deterministic step scales z - alpha m by
+    c = alpha_s k + sigma_s / sigma_t (1 - alpha_t k): x = m + (prod c / alpha_0)(z_1 - alpha_1 m), computed here
+    in float64 from the schedule alone. Steering N(m, s^2) away from the wider N(m, (2s)^2) narrows it."""
+    main, guide, steps = gaussian_ndm(), gaussian_ndm(2 * STD), 40
+    ts = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    a = lambda t: torch.sigmoid(-main.gamma(t)).sqrt()  # noqa: E731
+    sig = lambda t: torch.sigmoid(main.gamma(t)).sqrt()  # noqa: E731
+    k = lambda t, std: a(t) * std.double() ** 2 / (a(t) ** 2 * std.double() ** 2 + sig(t) ** 2)  # noqa: E731
+    z1 = torch.randn(64, 4, generator=torch.Generator().manual_seed(3))
+    widths = {}
+    for w in (1.0, 2.0, 3.5):
+        c = torch.ones(4, dtype=torch.float64)
+        for t, s in zip(ts[:-1], ts[1:]):
+            kg = w * k(t, STD) + (1 - w) * k(t, 2 * STD)
+            c = c * (a(s) * kg + sig(s) / sig(t) * (1 - a(t) * kg))
+        expect = MEAN.double() + c / a(ts[-1]) * (z1.double() - a(ts[0]) * MEAN.double())
+        got = deterministic(autoguided(main, guide, w), (64, 4), torch.Generator().manual_seed(3), steps).x
+        torch.testing.assert_close(got.double(), expect, atol=2e-5, rtol=1e-4)
+        widths[w] = c / a(ts[-1])
+    assert (widths[3.5] < widths[2.0]).all() and (widths[2.0] < widths[1.0]).all()
+
+
+@pytest.mark.parametrize("name", ["ancestral", "deterministic", "ode_heun"])
+def test_autoguidance_weights_one_and_zero_are_the_main_model_and_the_guide(name: str) -> None:
+    main, guide, fn = gaussian_ndm(), gaussian_ndm(2 * STD), SAMPLERS[name]
+    draw = lambda ndm: fn(ndm, (8, 4), torch.Generator().manual_seed(2), 6).x  # noqa: E731
+    assert torch.equal(draw(autoguided(main, guide, 1.0)), draw(main))
+    assert torch.equal(draw(autoguided(main, guide, 0.0)), draw(guide))  # F = identity: the guide alone
+    assert torch.equal(draw(autoguided(main, main, 3.0)), draw(main))  # a model guided by itself is unchanged
+    assert fn(autoguided(main, guide, 2.0), (8, 4), None, 6).nfe_xhat == fn(main, (8, 4), None, 6).nfe_xhat
+
+
+def test_autoguidance_refuses_a_guide_of_another_space_or_schedule_and_bad_weights() -> None:
+    main = gaussian_ndm()
+    with pytest.raises(ValueError, match="noise schedule differs"):
+        autoguided(main, gaussian_ndm(gamma_max=5.0), 2.0)
+    other = gaussian_ndm()
+    other.data_shape = (3,)
+    with pytest.raises(ValueError, match="same space"):
+        autoguided(main, other, 2.0)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="guidance weight"):
+            autoguided(main, gaussian_ndm(), bad)
 
 
 def test_divergence_with_a_neural_transform_matches_the_exact_jacobian_trace() -> None:

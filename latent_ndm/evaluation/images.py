@@ -35,13 +35,15 @@ def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> Path
 
 
 def save_samples(images: Tensor, out_dir: str | Path, sampler: str, steps: int | None, seed: int,
-                 temperature: float = 1.0, **meta) -> dict[str, str]:
-    """Samples as a PNG grid and an .npz (images, sampler, steps, seed, temperature and `meta`, e.g. the NFE),
-    both named {sampler}_steps{steps}_seed{seed}, with _temp{temperature} when it is not 1; returns their
-    paths."""
+                 temperature: float = 1.0, guidance: float | None = None, **meta) -> dict[str, str]:
+    """Samples as a PNG grid and an .npz (images, sampler, steps, seed, temperature, the guidance weight and
+    `meta`, e.g. the NFE), both named {sampler}_steps{steps}_seed{seed}, with _temp{temperature} when it is not 1
+    and _guide{guidance} when the samples were guided (guidance not None); returns their paths."""
     out_dir = Path(out_dir)
     stem = f"{sampler}_steps{steps or 'default'}_seed{seed}" + (f"_temp{temperature:g}" if temperature != 1 else "")
+    stem += f"_guide{guidance:g}" if guidance is not None else ""
     png = save_grid(images, out_dir / f"{stem}.png")
     np.savez_compressed(out_dir / f"{stem}.npz", images=images.cpu().numpy(), sampler=sampler, seed=seed,
-                        steps=steps or 0, temperature=temperature, **meta)
+                        steps=steps or 0, temperature=temperature, guidance=np.nan if guidance is None else guidance,
+                        **meta)
     return {"png": str(png), "npz": str(out_dir / f"{stem}.npz")}

@@ -286,7 +286,7 @@ def sample_quality(pipe, classifier: ImageClassifier | str | Path | None = None,
                    sampler: str = "ancestral", seed: int = 0, metrics: Sequence[str] = ("fd_mnist",),
                    inception_weights: str | Path | None = None, batch_size: int = 256,
                    progress: bool = False, on_images: Callable[[int, Tensor, dict], object] | None = None,
-                   temperature: float = 1.0) -> dict:
+                   temperature: float = 1.0, guide=None, guidance: float = 2.0) -> dict:
     """Sample quality of a pipeline (NDMPipeline, pixel or latent) at several numbers of sampling steps.
 
     For each steps value, `num_samples` images from `sampler` (default 50,000 for fid/kid, 500 for fd_mnist),
@@ -297,6 +297,7 @@ def sample_quality(pipe, classifier: ImageClassifier | str | Path | None = None,
       min(num_samples, test size) evenly spaced test images (real data not trained on: a floor).
     - 'fd_mnist': against the test images, in the features of the project's MNIST classifier (NOT FID;
       offline); 'reference' gives num_samples evenly spaced train images against them.
+    guide / guidance: autoguidance (NDMPipeline.sample), recorded as the weight ("guidance": null without a guide).
     The report records N, the reference set, the sampler, its temperature, the steps and the seed. A discrete
     model (T steps) skips steps > T. on_images(steps, images, nfe), when given, receives each setting's
     samples (e.g. to save them: the figures and the pictures then come from the same images).
@@ -310,7 +311,8 @@ def sample_quality(pipe, classifier: ImageClassifier | str | Path | None = None,
     inception_metrics = [m for m in metrics if m in ("fid", "kid")]
     num_samples = num_samples or (50_000 if inception_metrics else 500)
     device = pipe.device
-    report: dict = {"sampler": sampler, "temperature": temperature, "seed": seed, "num_samples": num_samples,
+    report: dict = {"sampler": sampler, "temperature": temperature,
+                    "guidance": None if guide is None else guidance, "seed": seed, "num_samples": num_samples,
                     "sample_batch_size": batch_size,
                     "definitions": {m: DEFINITIONS[m] for m in metrics}, "reference": {}}
     clf_features = None
@@ -358,7 +360,8 @@ def sample_quality(pipe, classifier: ImageClassifier | str | Path | None = None,
             report["steps"][str(n_steps)] = {"skipped": f"the model was trained with T={max_steps}"}
             continue
         t0 = time.perf_counter()
-        images = pipe.sample(num_samples, sampler, n_steps, None, batch_size, seed=seed, temperature=temperature)
+        images = pipe.sample(num_samples, sampler, n_steps, None, batch_size, seed=seed, temperature=temperature,
+                             guide=guide, guidance=guidance)
         seconds = time.perf_counter() - t0
         entry = {"seconds": round(seconds, 2), "seconds_per_image": seconds / num_samples, **pipe.last_nfe}
         if on_images is not None:

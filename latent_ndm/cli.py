@@ -200,10 +200,11 @@ def cmd_evaluate(argv: list[str]) -> int:
     from .pipeline import load_pipeline
 
     guidance = _guidance(args)
+    if args.guide is not None and not quality:
+        raise ValueError("--guide steers sampling: it applies to the sample-quality metrics (fd_mnist, fid, kid)")
     device, rank, world = _start("evaluate", args.device)
     pipe = load_pipeline(args.path, ema=not args.no_ema, device=device)
-    guide = None if args.guide is None or not quality else load_pipeline(args.guide, ema=not args.no_ema,
-                                                                        device=device)
+    guide = None if args.guide is None else load_pipeline(args.guide, ema=not args.no_ema, device=device)
     cfg = _run_config(pipe, args.path)
     allow_tf32(cfg.train.tf32 and not args.no_tf32)
     announce("evaluate", device, world, rank)

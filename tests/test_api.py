@@ -74,6 +74,8 @@ def test_cli_sample_evaluate_and_pictures(run_dir: Path, tmp_path: Path, capsys:
     assert np.array_equal(np.load(guided["npz"])["images"], data["images"])
     assert main(["sample", str(run_dir), "--guidance", "3"]) == 1  # a weight without a guide: a clear error
     assert "--guidance needs --guide" in capsys.readouterr().err
+    assert main(["evaluate", str(run_dir), "--metrics", "nelbo", "--guide", str(ckpt)]) == 1  # nothing to guide
+    assert "sample-quality metrics" in capsys.readouterr().err
 
     out = tmp_path / "eval.json"
     assert main(["evaluate", str(run_dir), "--metrics", "nelbo,ode_nll", "--steps", "10,continuous",

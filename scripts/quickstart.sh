@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on the built-in MNIST subset, on a CPU (about 13 minutes on 2 slow AVX2 cores, the first
+# The main job on the built-in MNIST subset, on a CPU (about 12 minutes on 2 slow AVX2 cores, the first
 # time 2 more to set up .venv):
 #   1. the data as webdataset shards (data/mnist5k), once;
 #   2. stage 1: the VAE (configs/vae_mnist.yaml);

@@ -191,7 +191,7 @@ def test_pipeline_contract(kind: str, tmp_path: Path) -> None:
     for k in together:
         assert alone[k][0].item() == pytest.approx(together[k][3].item(), rel=1e-6, abs=1e-6), k
     assert not torch.allclose(together["diff"][3], together["diff"][2])  # the images' draws differ
-    ode = pipe.ode_nll_bpd(images[:2], ids=ids[:2], rtol=1e-3, atol=1e-3)
+    ode = pipe.ode_nll_bpd(images[:2], ids=ids[:2], rtol=1e-2, atol=1e-2)  # loose: only the contract is tested here
     assert math.isfinite(ode["bpd"]) and ode["nfe_mean"] > 0 and "ode_nll_bpd" in ode
     # encode/decode speak model space.
     z = pipe.encode(images)

@@ -150,8 +150,8 @@ def _rows(run_dir: Path) -> list[tuple[int, float]]:
 def test_two_jobs_started_together_on_one_run_directory(tmp_path: Path, mnist_shards: Path) -> None:
     """Exactly one trains; the other exits non-zero within seconds naming the holder; the survivor's run is
     bitwise the run a job alone makes."""
-    run_dir, steps = tmp_path / "shared" / "run", 60
-    cmd = _train_cmd(run_dir, mnist_shards, steps, 20)
+    run_dir, steps = tmp_path / "shared" / "run", 30
+    cmd = _train_cmd(run_dir, mnist_shards, steps, 10)
     logs = [(tmp_path / f"job{i}.stderr").open("w+") for i in range(2)]
     t0 = time.monotonic()
     procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log) for log in logs]
@@ -177,7 +177,7 @@ def test_two_jobs_started_together_on_one_run_directory(tmp_path: Path, mnist_sh
     print(f"refused after {loser[1]:.1f} s; the job that trained ended after {winner[1]:.1f} s")
     assert not (run_dir / LOCK_NAME).exists()
     solo_dir = tmp_path / "solo" / "run"
-    subprocess.run(_train_cmd(solo_dir, mnist_shards, steps, 20), check=True, capture_output=True, timeout=600)
+    subprocess.run(_train_cmd(solo_dir, mnist_shards, steps, 10), check=True, capture_output=True, timeout=600)
     a, b = _weights(run_dir), _weights(solo_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _rows(run_dir) == _rows(solo_dir) and [s for s, _ in _rows(run_dir)] == list(range(1, steps + 1))
@@ -213,7 +213,7 @@ def test_readers_load_verified_checkpoints_while_a_job_writes_and_prunes_them(tm
     from latent_ndm.training.checkpoint import run_weights
 
     run_dir = tmp_path / "run"
-    cmd = _train_cmd(run_dir, mnist_shards, 40, 1) + ["train.keep_checkpoints=1"]
+    cmd = _train_cmd(run_dir, mnist_shards, 24, 1) + ["train.keep_checkpoints=1"]
     job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while latest_checkpoint(run_dir) is None:
@@ -235,4 +235,4 @@ def test_readers_load_verified_checkpoints_while_a_job_writes_and_prunes_them(tm
     assert steps == sorted(steps) and len(set(steps)) >= 3, steps
     print(f"{loads} loads during training, steps {steps[0]}..{steps[-1]}; list-then-open reads that failed: "
           f"{naive_failures}")
-    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000040"]
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000024"]

@@ -266,13 +266,12 @@ def test_fid_and_kid_against_cached_training_statistics(inception_file: Path, mn
     feats = Q.inception_features(samples, extractor)
     assert q["steps"]["1"]["fid"] == pytest.approx(Q.frechet_from_stats(*Q.gaussian_stats(feats), mu, cov), rel=1e-6)
     assert q["steps"]["1"]["kid"] == pytest.approx(Q.kid(feats, train_feats, seed=0)[0], rel=1e-6)
-    again = Q.sample_quality(pipe, None, steps=(1,), num_samples=4, metrics=("fid",), inception_weights=inception_file,
-                             batch_size=3)
-    assert again["reference"]["stats_cached"] and again["steps"]["1"]["fid"] == q["steps"]["1"]["fid"]
-    # The command line: the example of the README with a tiny N.
+    # The command line (the example of the README with a tiny N), a second evaluation: from the cached statistics.
     assert main(["evaluate", str(tmp_path / "model"), "--metrics", "fid,kid", "--num-samples", "4", "--sample-steps",
                  "1", "--sample-batch-size", "3", "--inception-weights", str(inception_file), "--device", "cpu"]) == 0
     report = json.loads(capsys.readouterr().out)["sample_quality"]
+    assert report["reference"]["stats_cached"] and report["reference"]["stats_file"] == ref["stats_file"]
     assert report["steps"]["1"]["fid"] == pytest.approx(q["steps"]["1"]["fid"], rel=1e-9)
+    assert report["steps"]["1"]["kid"] == pytest.approx(q["steps"]["1"]["kid"], rel=1e-9)
     with pytest.raises(ValueError, match="needs a classifier"):
         Q.sample_quality(pipe, None, steps=(1,), num_samples=2)

@@ -44,7 +44,7 @@ def weights(run_dir: Path, name: str = "model") -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow  # an end-to-end command-line run
 def test_kill_9_at_random_moments_then_resume_matches_an_uninterrupted_run(tmp_path: Path, mnist_shards: Path) -> None:
-    s = crashtest(trials=3, steps=10, ckpt_every=1, out=tmp_path, shards=mnist_shards,
+    s = crashtest(trials=2, steps=10, ckpt_every=1, out=tmp_path, shards=mnist_shards,
                   config="configs/ndm_mnist.yaml", seed=1)
     assert s["trials"] >= 2 and s["resumes_ok"] == s["resumes"], s["runs"]
     assert s["all_checkpoints_verify"] and s["max_steps_lost"] <= 1

@@ -55,6 +55,26 @@ def test_frechet_of_diagonal_gaussians_matches_closed_form() -> None:
     assert one == pytest.approx(9.0 + 1.0)
 
 
+def test_frechet_with_singular_covariances_matches_closed_form() -> None:
+    """Covariances that vanish along most directions (fewer samples than dimensions), in a rotated basis: the
+    closed form of commuting covariances, |mu1 - mu2|^2 + sum (sqrt a_i - sqrt b_i)^2, to round-off."""
+    g = torch.Generator().manual_seed(4)
+    d, rank = 64, 5
+    v1 = torch.zeros(d, dtype=torch.float64)
+    v1[:rank] = torch.rand(rank, generator=g, dtype=torch.float64) * 3 + 0.1
+    v2 = torch.rand(d, generator=g, dtype=torch.float64) + 0.05
+    rot, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    s1, s2 = rot @ torch.diag(v1) @ rot.T, rot @ torch.diag(v2) @ rot.T
+    mu1, mu2 = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    want = float((mu1 - mu2).square().sum() + (v1.sqrt() - v2.sqrt()).square().sum())
+    assert Q.frechet_from_stats(mu1, s1, mu2, s2) == pytest.approx(want, rel=1e-10)
+    # The singular one second: the middle matrix's round-off eigenvalues add terms of order sqrt(eps).
+    assert Q.frechet_from_stats(mu2, s2, mu1, s1) == pytest.approx(want, rel=1e-8)
+    zero = torch.zeros(d, d, dtype=torch.float64)  # a single repeated sample: no spread at all
+    assert Q.frechet_from_stats(mu1, zero, mu2, s2) == pytest.approx(float((mu1 - mu2).square().sum() + v2.sum()),
+                                                                     rel=1e-10)
+
+
 def test_frechet_is_invariant_to_rotating_and_shifting_both_sets() -> None:
     g = torch.Generator().manual_seed(3)
     a = torch.randn(400, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 12, generator=g, dtype=torch.float64)

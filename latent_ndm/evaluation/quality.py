@@ -61,24 +61,31 @@ def gaussian_stats(features: Tensor) -> tuple[Tensor, Tensor]:
     return mu, xc.T @ xc / (len(x) - 1)
 
 
-def _sym_sqrt(a: Tensor) -> Tensor:
-    """The PSD square root of a symmetric matrix (negative round-off eigenvalues clipped to 0)."""
-    evals, evecs = torch.linalg.eigh((a + a.T) / 2)
-    return (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
+def _above_round_off(evals: Tensor) -> Tensor:
+    """Which eigenvalues of a symmetric PSD matrix exceed its round-off floor, D eps max (the rest are 0 in exact
+    arithmetic or below what float64 resolves)."""
+    if evals.numel() == 0:
+        return evals > 0
+    return evals > evals.max().clamp_min(0) * len(evals) * torch.finfo(evals.dtype).eps
 
 
 def frechet_from_stats(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> float:
     """Squared Frechet (2-Wasserstein) distance between N(mu1, cov1) and N(mu2, cov2):
     ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2), in float64.
 
-    The middle matrix is symmetric PSD, so its square root's trace is the sum of the square roots of
-    its (clipped) eigenvalues: no complex round-off as with scipy's sqrtm of the non-symmetric S1 S2."""
+    With S1 = V L V^T, the middle matrix S1^1/2 S2 S1^1/2 has the eigenvalues of L^1/2 V^T S2 V L^1/2, which is
+    symmetric PSD: its square root's trace is the sum of the square roots of its (clipped) eigenvalues, with no
+    complex round-off as with scipy's sqrtm of the non-symmetric S1 S2. Directions where S1 vanishes (eigenvalues
+    below its round-off floor: a covariance of fewer samples than dimensions) are left out, as they contribute
+    nothing in exact arithmetic and only sqrt(round-off) otherwise; one eigendecomposition then does the work."""
     mu1, mu2, cov1, cov2 = (torch.as_tensor(v).to("cpu", torch.float64) for v in (mu1, mu2, cov1, cov2))
     if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != (len(mu1), len(mu1)):
         raise ValueError(f"mismatched statistics: {tuple(mu1.shape)}, {tuple(cov1.shape)} vs "
                          f"{tuple(mu2.shape)}, {tuple(cov2.shape)}")
-    root1 = _sym_sqrt(cov1)
-    middle = root1 @ cov2 @ root1
+    evals, evecs = torch.linalg.eigh((cov1 + cov1.T) / 2)
+    keep = _above_round_off(evals)
+    v, root = evecs[:, keep], evals[keep].sqrt()
+    middle = root[:, None] * (v.T @ cov2 @ v) * root[None, :]
     tr_covmean = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
     d2 = (mu1 - mu2).square().sum() + cov1.trace() + cov2.trace() - 2 * tr_covmean
     return max(float(d2), 0.0)  # >= 0 exactly; round-off can leave -1e-12 for identical sets
